@@ -1,0 +1,162 @@
+"""Replay event logs (and catalogs) onto xrec's input topics with kafka-python.
+
+Several files can be replayed as one stream: their records are interleaved by relative
+position (record i of a file of n records sits at (i + ½)/n), which keeps the time order
+of per-platform files cut from one time-ordered stream. Pacing: ``rate`` events/s, or
+``speed`` × the recorded event times, or as fast as the broker takes them.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from producers.files import count_records, read_records
+from streams.errors import StackError
+from streams.platforms import Platform, parse_time
+
+__all__ = ["Source", "Replayer", "Progress"]
+
+
+@dataclass
+class Source:
+    path: Path
+    topic: str
+    platform: Platform | None = None  # used for keys (user field) and --speed (time field)
+
+
+class Progress:
+    """A one-line progress bar on a TTY; silent otherwise."""
+
+    def __init__(self, total: int, label: str, stream=None, enabled: bool | None = None):  # type: ignore[no-untyped-def]
+        self.total, self.label = total, label
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty() if enabled is None else enabled
+        self.n, self._last, self.t0 = 0, 0.0, time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if self.enabled and (now - self._last > 0.2 or self.n == self.total):
+            self._last = now
+            rate = self.n / max(now - self.t0, 1e-9)
+            frac = self.n / self.total if self.total else 1.0
+            bar = "#" * int(30 * frac)
+            self.stream.write(f"\r{self.label} [{bar:<30}] {self.n:,}/{self.total:,} "
+                              f"{rate:,.0f}/s ")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+class Replayer:
+    def __init__(self, bootstrap: str, linger_ms: int = 5) -> None:
+        from kafka import KafkaProducer
+
+        try:
+            self.producer = KafkaProducer(
+                bootstrap_servers=bootstrap, linger_ms=linger_ms, batch_size=128 * 1024,
+                client_id="xrec-replay", max_request_size=4 * 1024 * 1024,
+                request_timeout_ms=30000)
+        except Exception as exc:  # noqa: BLE001
+            raise StackError(f"cannot connect to the broker at {bootstrap}: {exc}") from None
+        self.sent = 0
+
+    def close(self) -> None:
+        self.producer.flush()
+        self.producer.close()
+
+    def replay(self, sources: Sequence[Source], rate: float | None = None,
+               speed: float | None = None, progress: bool | None = None,
+               on_send: Callable[[int], None] | None = None,
+               should_stop: Callable[[], bool] | None = None) -> int:
+        """Send every record of ``sources``; returns the number sent."""
+        totals = [count_records(s.path) for s in sources]
+        bar = Progress(sum(totals), "replay", enabled=progress)
+        t0 = time.monotonic()
+        first_event_time: float | None = None
+        n = 0
+        try:
+            for src, raw in _interleave(sources, totals):
+                if should_stop is not None and should_stop():
+                    break
+                if rate:
+                    due = t0 + n / rate
+                elif speed:
+                    et = _event_time(raw, src.platform)
+                    if et is not None:
+                        first_event_time = first_event_time if first_event_time is not None \
+                            else et
+                        due = t0 + (et - first_event_time) / speed
+                    else:
+                        due = 0.0
+                else:
+                    due = 0.0
+                delay = due - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                self.producer.send(src.topic, value=raw, key=_key(raw, src.platform))
+                n += 1
+                bar.update()
+                if on_send is not None:
+                    on_send(n)
+            self.producer.flush()
+        finally:
+            bar.close()
+        self.sent += n
+        return n
+
+
+def _interleave(sources: Sequence[Source], totals: Sequence[int]) -> Iterator[tuple[Source,
+                                                                                     bytes]]:
+    iters = [read_records(s.path) for s in sources]
+    heap: list[tuple[float, int, int]] = []
+    for j, tot in enumerate(totals):
+        if tot:
+            heap.append((0.5 / tot, j, 0))
+    heapq.heapify(heap)
+    while heap:
+        _, j, i = heapq.heappop(heap)
+        raw = next(iters[j], None)
+        if raw is None:
+            continue
+        yield sources[j], raw
+        if i + 1 < totals[j]:
+            heapq.heappush(heap, ((i + 1.5) / totals[j], j, i + 1))
+
+
+def _parse(raw: bytes) -> dict | None:  # type: ignore[type-arg]
+    try:
+        obj = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _key(raw: bytes, platform: Platform | None) -> bytes | None:
+    """Key by the platform's user id, as a platform producer would (per-user order)."""
+    if platform is None:
+        return None
+    obj = _parse(raw)
+    if obj is None:
+        return None
+    v = obj.get(platform.identity.user)
+    return str(v).encode()[:256] if isinstance(v, str | int) else None
+
+
+def _event_time(raw: bytes, platform: Platform | None) -> float | None:
+    obj = _parse(raw)
+    if obj is None or platform is None:
+        return None
+    try:
+        return parse_time(platform.event.time.eval(obj))
+    except Exception:  # noqa: BLE001
+        return None

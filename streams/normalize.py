@@ -1,0 +1,231 @@
+"""Normalize: platform-native bytes in, a unified :class:`Interaction` or a :class:`DeadLetter` out.
+
+Pure and synchronous: the Faust agent, ``xrec eval`` and the tests all call
+:meth:`Normalizer.normalize`. It never raises on input; every way an event can be bad
+is a dead-letter ``code``:
+
+===================  =======================================================
+code                 meaning
+===================  =======================================================
+too_large            payload over ``XREC_MAX_EVENT_BYTES``
+invalid_utf8         payload is not UTF-8
+invalid_json         not JSON (NaN / Infinity literals count as invalid)
+too_deep             JSON nested deeper than ``XREC_MAX_JSON_DEPTH``
+not_an_object        JSON, but not an object
+unknown_platform     (ingest topic) ``platform`` missing or not configured
+schema               a field is missing, of the wrong type or out of range
+time_out_of_range    event time before ``XREC_MIN_EVENT_TIME`` or too far ahead
+mapping              the platform's mapping expressions failed on this event
+unlabelled           no label rule of the platform matched
+===================  =======================================================
+
+Privacy: the raw user id (and shared identity) become an HMAC-SHA256 user key here;
+event ids are keyed the same way. Dead-letter excerpts have identity fields redacted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import ValidationError
+
+from streams.expr import ExprError
+from streams.platforms import Platform, PlatformRegistry
+from streams.records import DeadLetter, Interaction
+from streams.settings import Settings
+
+__all__ = ["Normalizer", "Pseudonymizer", "DEADLETTER_CODES"]
+
+DEADLETTER_CODES = (
+    "too_large", "invalid_utf8", "invalid_json", "too_deep", "not_an_object",
+    "unknown_platform", "schema", "time_out_of_range", "mapping", "unlabelled",
+)
+REDACTED = "<redacted>"
+
+
+class Pseudonymizer:
+    """HMAC-SHA256(secret, namespace:identity) → hex user key."""
+
+    def __init__(self, secret: bytes, hex_chars: int = 32) -> None:
+        self._secret = secret
+        self._n = hex_chars
+
+    def key(self, namespace: str, identity: str) -> str:
+        mac = hmac.new(self._secret, f"{namespace}:{identity}".encode(), hashlib.sha256)
+        return mac.hexdigest()[: self._n]
+
+    def user_key(self, platform: Platform, record: dict[str, Any]) -> str:
+        shared = platform.identity.shared
+        if shared and record.get(shared) not in (None, ""):
+            return self.key(platform.identity.namespace, str(record[shared]))
+        return self.key(f"platform/{platform.name}", str(record[platform.identity.user]))
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _depth_exceeds(obj: Any, limit: int) -> bool:
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        if d > limit:
+            return True
+        if isinstance(o, dict):
+            stack.extend((v, d + 1) for v in o.values())
+        elif isinstance(o, list):
+            stack.extend((v, d + 1) for v in o)
+    return False
+
+
+class Normalizer:
+    def __init__(
+        self,
+        settings: Settings,
+        platforms: PlatformRegistry,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.s = settings
+        self.platforms = platforms
+        self.clock = clock
+        self.pseudo = Pseudonymizer(settings.secret_bytes(), settings.pseudonym_hex_chars)
+        fields = sorted({f for p in platforms.values() for f in p.identity_fields})
+        self._all_identity_fields = tuple(fields)
+        alt = "|".join(re.escape(f) for f in fields) or "(?!)"
+        self._redact_re = re.compile(
+            r'("(?:' + alt + r')"\s*:\s*)("(?:[^"\\]|\\.)*"?|[^,}\]\s]*)'
+        )
+
+    # ------------------------------------------------------------------ public
+    def normalize(
+        self,
+        raw: bytes | None,
+        *,
+        topic: str,
+        partition: int,
+        offset: int,
+        timestamp_ms: float | None,
+        platform: str | None,
+    ) -> Interaction | DeadLetter:
+        """``platform=None`` means the ingest topic: the event names its platform."""
+        raw = raw or b""
+        src = (topic, partition, offset)
+        if len(raw) > self.s.max_event_bytes:
+            return self._dead(src, platform, "too_large",
+                              f"payload is {len(raw)} bytes; the limit is "
+                              f"{self.s.max_event_bytes} (XREC_MAX_EVENT_BYTES)", raw)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return self._dead(src, platform, "invalid_utf8", f"not UTF-8: {exc.reason} "
+                              f"at byte {exc.start}", raw)
+        try:
+            obj = json.loads(text, parse_constant=_reject_constant)
+        except RecursionError:
+            return self._dead(src, platform, "too_deep", "JSON nested too deeply", raw)
+        except ValueError as exc:
+            msg = str(exc) if "not valid JSON" in str(exc) else f"not JSON: {exc}"
+            return self._dead(src, platform, "invalid_json", msg[:200], raw)
+        if not isinstance(obj, dict):
+            return self._dead(src, platform, "not_an_object",
+                              f"expected a JSON object, got {type(obj).__name__}", raw)
+        if _depth_exceeds(obj, self.s.max_json_depth):
+            return self._dead(src, platform, "too_deep", f"JSON nested deeper than "
+                              f"{self.s.max_json_depth} (XREC_MAX_JSON_DEPTH)", raw, obj)
+        if platform is None:
+            name = obj.get("platform")
+            if not isinstance(name, str) or name not in self.platforms:
+                shown = repr(name)[:40] if name is not None else "no `platform` field"
+                return self._dead(src, None, "unknown_platform",
+                                  f"unknown platform {shown}; configured: "
+                                  f"{', '.join(sorted(self.platforms))}", raw, obj)
+            platform = name
+        p = self.platforms[platform]
+        try:
+            rec = p.event_model.model_validate(obj)
+        except ValidationError as exc:
+            return self._dead(src, platform, "schema", _describe(exc), raw, obj)
+        r = rec.model_dump()
+        try:
+            ev_time = float(p.event.time.eval(r))
+            now = self.clock()
+            if not math.isfinite(ev_time):
+                raise ExprError("event time is not finite")
+            if ev_time < self.s.min_event_time or ev_time > now + self.s.max_future_s:
+                return self._dead(src, platform, "time_out_of_range",
+                                  f"event time {ev_time:.0f} outside [{self.s.min_event_time:.0f},"
+                                  f" now + {self.s.max_future_s:.0f}s]", raw, obj)
+            event_id = p.event.event_id.eval(r)
+            item = p.event.item.eval(r)
+            kind = p.event.kind.eval(r)
+            for what, v in (("event id", event_id), ("item", item), ("kind", kind)):
+                if v is None or v == "":
+                    raise ExprError(f"{what} is empty")
+            label = weight = None
+            for rule in p.event.rules:
+                if rule.when is None or rule.when.eval(r):
+                    label = rule.label
+                    weight = float(rule.weight.eval(r))
+                    break
+        except (ExprError, TypeError, ValueError) as exc:
+            return self._dead(src, platform, "mapping", str(exc)[:200], raw, obj)
+        if label is None or weight is None:
+            return self._dead(src, platform, "unlabelled", "no label rule matched", raw, obj)
+        if not (math.isfinite(weight) and 0.0 <= weight <= 100.0):
+            return self._dead(src, platform, "mapping", f"weight {weight!r} outside [0, 100]",
+                              raw, obj)
+        return Interaction(
+            platform=platform,
+            user=self.pseudo.user_key(p, r),
+            item=str(item),
+            kind=str(kind)[:64],
+            label=label,
+            weight=weight,
+            event_time=ev_time,
+            event_id=self.pseudo.key(f"event/{platform}", str(event_id))[:24],
+            produced_at=(timestamp_ms / 1000.0) if timestamp_ms else self.clock(),
+            src_topic=topic,
+            src_partition=partition,
+            src_offset=offset,
+        )
+
+    # ----------------------------------------------------------------- helpers
+    def _dead(self, src: tuple[str, int, int], platform: str | None, code: str, message: str,
+              raw: bytes, obj: dict[str, Any] | None = None) -> DeadLetter:
+        return DeadLetter(
+            src_topic=src[0], src_partition=src[1], src_offset=src[2],
+            platform=platform if platform in self.platforms else None,
+            code=code, message=message, excerpt=self.excerpt(raw, obj), size=len(raw),
+            at=self.clock(),
+        )
+
+    def excerpt(self, raw: bytes, obj: dict[str, Any] | None = None) -> str:
+        """The start of the payload with every identity field's value redacted."""
+        n = self.s.deadletter_excerpt_bytes
+        if obj is not None:
+            red = {k: (REDACTED if k in self._all_identity_fields else v) for k, v in obj.items()}
+            try:
+                text = json.dumps(red, ensure_ascii=False, default=str)
+            except (ValueError, RecursionError):
+                text = raw[: n * 4].decode("utf-8", "replace")
+        else:
+            text = raw[: n * 4].decode("utf-8", "replace")
+        text = self._redact_re.sub(lambda m: m.group(1) + '"' + REDACTED + '"', text)
+        return text[:n]
+
+
+def _describe(exc: ValidationError) -> str:
+    """Field locations and reasons, never the offending values (they may be raw ids)."""
+    parts = []
+    for e in exc.errors(include_url=False, include_input=False)[:3]:
+        loc = ".".join(str(x) for x in e["loc"]) or "(record)"
+        parts.append(f"{loc}: {e['msg']}")
+    more = exc.error_count() - len(parts)
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")

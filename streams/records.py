@@ -1,0 +1,82 @@
+"""Records that cross topic boundaries downstream of normalize (pydantic v2).
+
+Platform-native records are *not* here: they are built from each platform's config
+file by :mod:`streams.platforms`. Everything below carries pseudonymous user keys only.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["Interaction", "RecItem", "Recommendations", "DeadLetter", "CatalogItem"]
+
+_FROZEN = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+
+class Interaction(BaseModel):
+    """One behaviour event, unified across platforms. Key on ``xrec.events.unified``: ``user``."""
+
+    model_config = _FROZEN
+
+    platform: str
+    user: str = Field(description="HMAC-SHA256 pseudonym, hex")
+    item: str
+    kind: str = Field(description="platform action, e.g. view / cart / purchase / watch / play")
+    label: Literal[0, 1] = Field(description="1 = positive feedback, 0 = negative")
+    weight: float = Field(ge=0, le=100)
+    event_time: float = Field(description="when it happened, epoch seconds")
+    event_id: str
+    produced_at: float = Field(description="when the platform produced it (record timestamp, s)")
+    src_topic: str
+    src_partition: int
+    src_offset: int
+
+
+class RecItem(BaseModel):
+    model_config = _FROZEN
+    item: str
+    score: float
+
+
+class Recommendations(BaseModel):
+    """Published on ``xrec.recs.<platform>`` (key: user) and cached in Redis."""
+
+    model_config = _FROZEN
+
+    user: str
+    platform: str
+    items: list[RecItem]
+    scorer: str = Field(description="model / scorer version that ranked the items")
+    event_time: float = Field(description="event time of the newest interaction covered")
+    produced_at: float = Field(description="produce time of the oldest interaction covered")
+    published_at: float
+    events: int = Field(description="interactions of this user covered by this refresh")
+
+
+class DeadLetter(BaseModel):
+    """Published on ``xrec.deadletter`` for every event that could not be used."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    src_topic: str
+    src_partition: int
+    src_offset: int
+    platform: str | None
+    code: str = Field(description="machine-readable reason, e.g. invalid_json, schema")
+    message: str = Field(description="what was wrong, for people")
+    excerpt: str = Field(description="start of the payload, identity fields redacted")
+    size: int
+    at: float
+
+
+class CatalogItem(BaseModel):
+    """A validated catalog record, stored per platform (text is built from the config template)."""
+
+    model_config = _FROZEN
+
+    platform: str
+    item: str
+    text: str
+    fields: dict[str, str | float | int | bool | None]

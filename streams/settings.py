@@ -1,0 +1,101 @@
+"""The one settings class. Only entry points (the CLI) read the environment.
+
+Environment names: ``KAFKA_BOOTSTRAP_SERVERS`` and ``REDIS_URL`` as users expect them,
+everything else ``XREC_*`` (e.g. ``XREC_PSEUDONYM_SECRET``, ``XREC_TOPIC_PREFIX``).
+"""
+
+from __future__ import annotations
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings", "DEV_SECRET"]
+
+#: Used by ``xrec dev`` and the tests only; a worker refuses it unless ``XREC_ENV=dev``.
+DEV_SECRET = "xrec-dev-secret-not-for-production"  # noqa: S105 - public on purpose
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="XREC_", extra="ignore", populate_by_name=True)
+
+    env: str = Field("prod", description="'dev' allows the built-in development secret")
+
+    # --- services -------------------------------------------------------------------
+    kafka_bootstrap_servers: str | None = Field(
+        None,
+        validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS", "kafka_bootstrap_servers"),
+        description="host:port[,host:port]; unset → `xrec dev` starts an embedded broker",
+    )
+    redis_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("REDIS_URL", "redis_url"),
+        description="redis:// or unix:// URL; unset → `xrec dev` starts an embedded Redis",
+    )
+
+    # --- naming ---------------------------------------------------------------------
+    topic_prefix: str = "xrec."
+    redis_prefix: str = "xrec:"
+    app_id: str = Field("xrec", description="Faust app id = consumer group id")
+    partitions: int = Field(4, ge=1, le=256)
+    platforms_path: str = Field(
+        "", description="extra platform config files or folders, separated by ':'"
+    )
+
+    # --- privacy --------------------------------------------------------------------
+    pseudonym_secret: SecretStr | None = Field(
+        None, description="HMAC-SHA256 key that turns raw user ids into user keys"
+    )
+    pseudonym_hex_chars: int = Field(32, ge=16, le=64)
+
+    # --- input limits (bad input is data: beyond these, events are dead-lettered) ----
+    max_event_bytes: int = 65536
+    max_json_depth: int = 16
+    min_event_time: float = Field(631152000.0, description="1990-01-01; older is rejected")
+    max_future_s: float = Field(86400.0, description="how far event time may lead the clock")
+    deadletter_excerpt_bytes: int = 512
+
+    # --- processing -----------------------------------------------------------------
+    batch_max: int = Field(256, ge=1, description="micro-batch size bound")
+    batch_within_s: float = Field(0.02, gt=0, description="micro-batch time bound")
+    fetch_max_wait_ms: int = Field(20, ge=1, le=5000, description="consumer fetch wait")
+    recent_len: int = Field(50, ge=1, description="recent interactions kept per user+platform")
+    seen_len: int = Field(500, ge=1, description="consumed items kept per user+platform")
+    cooc_window: int = Field(5, ge=1, description="recent items an event co-occurs with")
+    cooc_keep: int = Field(200, ge=10, description="neighbours kept per item")
+    popularity_half_life_s: float = Field(3 * 86400.0, gt=0)
+    rec_k: int = Field(20, ge=1, le=1000)
+    pop_candidates: int = Field(200, ge=10)
+    cooc_blend: float = Field(0.7, ge=0, le=1, description="weight of co-occurrence vs popularity")
+    recs_ttl_s: int = Field(7 * 86400, ge=60)
+    eid_keep: int = Field(500, ge=10, description="event ids remembered per user for dedup")
+
+    state_epoch: str = Field(
+        "0", description="namespaces offset watermarks; change it when the broker's offsets "
+        "restart (a fresh broker) but Redis is kept")
+
+    # --- worker ---------------------------------------------------------------------
+    agents: str = Field("all", description="comma list of agents this worker runs, or 'all'")
+    web_port: int = Field(0, ge=0, le=65535, description="0 = worker web server off")
+    log_level: str = "INFO"
+    log_json: bool = False
+
+    def secret_bytes(self) -> bytes:
+        """The pseudonymization key; refuses to run without one outside dev."""
+        from streams.errors import ConfigError
+
+        if self.pseudonym_secret is None:
+            if self.env == "dev":
+                return DEV_SECRET.encode()
+            raise ConfigError(
+                "XREC_PSEUDONYM_SECRET is not set. Set it to a long random string "
+                "(e.g. `openssl rand -hex 32`); keep it stable, since user keys derive from it."
+            )
+        value = self.pseudonym_secret.get_secret_value()
+        if value == DEV_SECRET and self.env != "dev":
+            raise ConfigError("the development secret is refused outside XREC_ENV=dev")
+        if len(value) < 16:
+            raise ConfigError("XREC_PSEUDONYM_SECRET must be at least 16 characters")
+        return value.encode()
+
+    def topic(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"

@@ -1,0 +1,3 @@
+from xrec.cli import main
+
+main()

