@@ -1,22 +1,24 @@
 """Decayed popularity blended with item co-occurrence: the first, simple scorer.
 
-Given a platform's most popular items (time-decayed weights), the co-occurrence
-neighbour lists of the user's most recent positive items, and the items the user
-already consumed, rank the rest::
+Given a platform's most popular items (time-decayed weights, best first), the
+co-occurrence neighbour lists of the user's most recent positive items, and the items the
+user already consumed, rank the rest::
 
     score(i) = blend * co(i) / max(co) + (1 - blend) * pop(i) / max(pop)
     co(i)    = Σ_k  cooc(r_k, i) / k        r_1 = most recent positive item
 
-It is the baseline that the learned model (issue 4) must beat, and it is what the
-stream serves until a model is configured.
+Users with no positive history on the platform get popularity alone. It is the baseline
+that the learned model (issue 4) must beat, and it is what the stream serves until a
+model is configured. Ties are broken by item id, so rankings are deterministic.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Callable, Mapping, Sequence
 
-__all__ = ["SCORER_VERSION", "popco_rank", "decay_factor"]
+__all__ = ["SCORER_VERSION", "popco_scores", "popco_rank", "decay_factor"]
 
 SCORER_VERSION = "popco-1"
 
@@ -29,37 +31,59 @@ def decay_factor(event_time: float, anchor: float, half_life_s: float) -> float:
     return math.pow(2.0, min(e, 1000.0))
 
 
-def popco_rank(
+def popco_scores(
     popular: Sequence[tuple[str, float]],
     neighbours: Sequence[Sequence[tuple[str, float]]],
-    is_seen: Callable[[str], bool] | Mapping[str, object],
-    k: int,
     blend: float,
+    limit: int,
+    pop_lookup: Mapping[str, float] | None = None,
 ) -> list[tuple[str, float]]:
-    """Top-``k`` (item, score), best first; ties broken by item id for determinism.
+    """The best ``limit`` (item, score), best first, with no exclusions applied.
 
-    ``neighbours[j]`` is the co-occurrence list of the user's (j+1)-th most recent
-    positive item. ``is_seen`` excludes items the user already consumed.
+    ``popular`` must be sorted best first; ``pop_lookup`` is ``dict(popular)``, passed in
+    when the caller reuses it. Cost is O(|neighbours| + limit), not O(catalog).
     """
-    seen = is_seen.__contains__ if isinstance(is_seen, Mapping) else is_seen
     co: dict[str, float] = {}
     for rank, lst in enumerate(neighbours, start=1):
         for item, s in lst:
             co[item] = co.get(item, 0.0) + s / rank
-    pop = dict(popular)
+    pop_max = popular[0][1] if popular else 0.0
     co_max = max(co.values(), default=0.0)
-    pop_max = max(pop.values(), default=0.0)
-    w_co = blend if co_max > 0 else 0.0
-    w_pop = (1.0 - blend) if co_max > 0 else 1.0
-    scores: dict[str, float] = {}
-    for item in set(co) | set(pop):
-        if seen(item):
+    if co_max <= 0:
+        w_co, w_pop = 0.0, 1.0
+    else:
+        w_co, w_pop = blend, 1.0 - blend
+    f_pop = w_pop / pop_max if pop_max > 0 else 0.0
+    scored: list[tuple[float, str]] = []
+    if co:
+        pop = pop_lookup if pop_lookup is not None else dict(popular)
+        f_co = w_co / co_max
+        get = pop.get
+        scored = [(f_co * c + f_pop * get(item, 0.0), item) for item, c in co.items()]
+    taken = 0
+    for item, s in popular:
+        if taken >= limit:
+            break
+        if item in co:
             continue
-        s = 0.0
-        if co_max > 0:
-            s += w_co * co.get(item, 0.0) / co_max
-        if pop_max > 0:
-            s += w_pop * pop.get(item, 0.0) / pop_max
-        scores[item] = s
-    ranked = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
-    return [(i, round(s, 6)) for i, s in ranked[:k]]
+        scored.append((f_pop * s, item))
+        taken += 1
+    best = heapq.nsmallest(limit, scored, key=lambda t: (-t[0], t[1]))
+    return [(item, round(s, 6)) for s, item in best]
+
+
+def popco_rank(
+    popular: Sequence[tuple[str, float]],
+    neighbours: Sequence[Sequence[tuple[str, float]]],
+    is_seen: Callable[[str], bool],
+    k: int,
+    blend: float,
+) -> list[tuple[str, float]]:
+    """Top-``k`` unseen (item, score), best first (in-memory exclusion)."""
+    limit = 4 * k
+    while True:
+        ranked = popco_scores(popular, neighbours, blend, limit)
+        out = [(i, s) for i, s in ranked if not is_seen(i)]
+        if len(out) >= k or len(ranked) < limit:
+            return out[:k]
+        limit *= 4

@@ -58,6 +58,7 @@ class Settings(BaseSettings):
     batch_max: int = Field(256, ge=1, description="micro-batch size bound")
     batch_within_s: float = Field(0.02, gt=0, description="micro-batch time bound")
     fetch_max_wait_ms: int = Field(20, ge=1, le=5000, description="consumer fetch wait")
+    producer_linger_ms: int = Field(5, ge=0, le=1000, description="producer batching delay")
     recent_len: int = Field(50, ge=1, description="recent interactions kept per user+platform")
     seen_len: int = Field(500, ge=1, description="consumed items kept per user+platform")
     cooc_window: int = Field(5, ge=1, description="recent items an event co-occurs with")
@@ -76,6 +77,7 @@ class Settings(BaseSettings):
     # --- worker ---------------------------------------------------------------------
     agents: str = Field("all", description="comma list of agents this worker runs, or 'all'")
     web_port: int = Field(0, ge=0, le=65535, description="0 = worker web server off")
+    gil_switch_interval_ms: float = Field(0.5, gt=0, le=10, description="worker GIL switch")
     log_level: str = "INFO"
     log_json: bool = False
 

@@ -2,20 +2,25 @@
 
 Exactly-once effect on at-least-once delivery
 ---------------------------------------------
+(The whole batch is applied by one Lua script, ``lua/apply.lua``: Redis runs it alone, so
+the watermarks and the state they cover change together or not at all.)
+
 Every :class:`Interaction` carries the topic/partition/offset of the *platform* event it
 came from. Unified events are keyed by user, so all events of one source partition that
 land in unified partition ``q`` arrive there in source-offset order. For each pair
 (``q``, source partition) a watermark hash holds the highest source offset applied; a
-batch is applied inside one ``MULTI``/``EXEC`` that also advances the watermarks, under
-``WATCH`` of those watermark keys. So:
+batch is applied by one script that also advances the watermarks. So:
 
 * a unified record redelivered after a crash has offset ≤ watermark → skipped;
 * a platform event normalized twice (normalize crashed before committing) yields a second
   unified record with the same source offset → skipped;
 * a platform that sends the same event twice (same event id, new offset) is skipped by the
   per-user set of recent event ids (``XREC_EID_KEEP`` remembered);
-* two workers racing on one partition during a rebalance: the loser's ``EXEC`` fails on
-  the ``WATCH`` and it re-reads, then skips what the winner applied.
+* two workers racing on one partition during a rebalance: scripts run one at a time, so
+  the second skips what the first applied.
+
+Redis Cluster is not supported (keys are computed inside the script); use a single
+primary (with replicas / Sentinel) per deployment.
 
 Redis keys (prefix ``XREC_REDIS_PREFIX``, default ``xrec:``), all keyed by pseudonymous
 user keys only::
@@ -40,16 +45,15 @@ import json
 import logging
 import math
 import time
-from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.exceptions import WatchError
 
-from models.popco import SCORER_VERSION, decay_factor, popco_rank
+from models.popco import SCORER_VERSION, popco_scores
 from streams.records import Interaction, RecItem, Recommendations
 from streams.settings import Settings
 
@@ -58,6 +62,12 @@ __all__ = ["RedisState", "ApplyResult", "Touched", "redis_from_url"]
 log = logging.getLogger("xrec.state")
 
 _REBASE_EXPONENT = 200.0  # rebase the popularity anchor before 2^e gets large
+_CACHE_TTL_S = 1.0  # popularity / co-occurrence lists may be this stale when ranking
+_CO_CACHE_MAX = 50_000
+_Pop = tuple[list[tuple[str, float]], dict[str, float]]
+_LUA_DIR = Path(__file__).parent / "lua"
+_LUA_APPLY = (_LUA_DIR / "apply.lua").read_text()
+_LUA_UNSEEN = (_LUA_DIR / "unseen.lua").read_text()
 
 
 def redis_from_url(url: str) -> aioredis.Redis:
@@ -90,6 +100,10 @@ class RedisState:
         self.p = settings.redis_prefix
         self.unified_topic = unified_topic
         self.epoch = epoch
+        self._apply_script = redis.register_script(_LUA_APPLY)
+        self._unseen_script = redis.register_script(_LUA_UNSEEN)
+        self._pop_cache: dict[str, tuple[float, _Pop]] = {}
+        self._co_cache: dict[tuple[str, str], tuple[float, list[tuple[str, float]]]] = {}
 
     # ------------------------------------------------------------------ keys
     def k(self, *parts: object) -> str:
@@ -120,151 +134,37 @@ class RedisState:
 
     # ------------------------------------------------------------------ apply
     async def apply(self, batch: Sequence[tuple[int, Interaction]]) -> ApplyResult:
-        """Apply a micro-batch of (unified partition, interaction), exactly once in effect."""
+        """Apply a micro-batch of (unified partition, interaction), exactly once in effect.
+
+        One Lua script does the watermark checks and every state update, so the watermark
+        and the state it covers change together or not at all.
+        """
         if not batch:
             return ApplyResult()
-        for _attempt in range(20):
-            try:
-                return await self._retry("apply", lambda: self._apply_once(batch))
-            except WatchError:
-                log.info("watermark changed under us (rebalance?); re-reading the batch")
-        raise RuntimeError("could not apply a batch after 20 optimistic retries")
-
-    async def _apply_once(self, batch: Sequence[tuple[int, Interaction]]) -> ApplyResult:
         s = self.s
-        qs = sorted({q for q, _ in batch})
-        wm_keys = [self.wm_key(q) for q in qs]
-        pairs = list(dict.fromkeys((ev.user, ev.platform) for _, ev in batch))
-        users = list(dict.fromkeys(ev.user for _, ev in batch))
-        platforms = sorted({ev.platform for _, ev in batch})
-        eids_by_user: dict[str, list[str]] = defaultdict(list)
-        for _, ev in batch:
-            eids_by_user[ev.user].append(ev.event_id)
-
-        async with self.r.pipeline(transaction=True) as tx:
-            await tx.watch(*wm_keys)
-            rd = self.r.pipeline(transaction=False)
-            for key in wm_keys:
-                rd.hgetall(key)
-            for u, p in pairs:
-                rd.lrange(self.k("u", u, p, "recent"), 0, 4 * s.cooc_window)
-            for u in users:
-                rd.zmscore(self.k("u", u, "eids"), eids_by_user[u])
-            for p in platforms:
-                rd.hget(self.k("popmeta", p), "anchor")
-            res = await rd.execute()
-            i = 0
-            wm: dict[int, dict[str, int]] = {}
-            for q in qs:
-                wm[q] = {f: int(v) for f, v in res[i].items()}
-                i += 1
-            recent_pos: dict[tuple[str, str], list[str]] = {}
-            for pair in pairs:
-                recent_pos[pair] = _positives(res[i], s.cooc_window)
-                i += 1
-            known: dict[str, set[str]] = {}
-            for u in users:
-                known[u] = {e for e, sc in zip(eids_by_user[u], res[i], strict=True)
-                            if sc is not None}
-                i += 1
-            anchors: dict[str, float | None] = {}
-            for p in platforms:
-                anchors[p] = float(res[i]) if res[i] is not None else None
-                i += 1
-
-            tx.multi()
-            out = ApplyResult()
-            new_wm: dict[int, dict[str, int]] = defaultdict(dict)
-            pop_inc: dict[tuple[str, str], float] = defaultdict(float)
-            co_inc: dict[tuple[str, str, str], float] = defaultdict(float)
-            trim_recent, trim_seen, trim_eids, trim_co = set(), set(), set(), set()
-            stats: dict[tuple[str, str], float] = defaultdict(float)
-            for q, ev in batch:
-                pair = (ev.user, ev.platform)
-                t = out.touched.setdefault(pair, Touched())
-                t.events += 1
-                t.produced_at = min(t.produced_at, ev.produced_at)
-                t.event_time = max(t.event_time, ev.event_time)
-                src = f"{ev.src_topic}:{ev.src_partition}"
-                if ev.src_offset <= wm[q].get(src, -1):
-                    out.dup_offset += 1
-                    continue
-                wm[q][src] = new_wm[q][src] = ev.src_offset
-                if ev.event_id in known[ev.user]:
-                    out.dup_event += 1
-                    continue
-                known[ev.user].add(ev.event_id)
-                out.applied += 1
-                u, p = pair
-                entry = json.dumps([ev.item, ev.label, round(ev.weight, 4),
-                                    round(ev.event_time, 3), ev.kind], separators=(",", ":"))
-                rk, sk, ek = self.k("u", u, p, "recent"), self.k("u", u, p, "seen"), \
-                    self.k("u", u, "eids")
-                tx.lpush(rk, entry)
-                tx.zadd(sk, {ev.item: ev.event_time}, gt=True)
-                tx.zadd(sk, {ev.item: ev.event_time}, nx=True)
-                tx.zadd(ek, {ev.event_id: ev.event_time})
-                trim_recent.add(rk)
-                trim_seen.add(sk)
-                trim_eids.add(ek)
-                stats[(self.k("u", u, "stats"), f"{p}:events")] += 1
-                stats[(self.k("u", u, "stats"), f"{p}:pos" if ev.label else f"{p}:neg")] += 1
-                tx.hset(self.k("u", u, "stats"), f"{p}:last", ev.event_time)
-                tx.sadd(self.k("users"), u)
-                if ev.label == 1:
-                    if anchors[p] is None:
-                        anchors[p] = ev.event_time
-                        tx.hsetnx(self.k("popmeta", p), "anchor", ev.event_time)
-                    anchor = anchors[p]
-                    assert anchor is not None
-                    if (ev.event_time - anchor) / s.popularity_half_life_s > _REBASE_EXPONENT:
-                        # rescale all popularity weights to a new anchor, atomically with the rest
-                        self._flush_pop(tx, pop_inc, p)
-                        factor = decay_factor(anchor, ev.event_time, s.popularity_half_life_s)
-                        tx.zunionstore(self.k("pop", p), {self.k("pop", p): factor})
-                        tx.hset(self.k("popmeta", p), "anchor", ev.event_time)
-                        anchors[p] = anchor = ev.event_time
-                    pop_inc[(p, ev.item)] += ev.weight * decay_factor(
-                        ev.event_time, anchor, s.popularity_half_life_s)
-                    rp = recent_pos[pair]
-                    for rank, other in enumerate(rp, start=1):
-                        if other == ev.item:
-                            continue
-                        w = ev.weight / rank
-                        co_inc[(p, other, ev.item)] += w
-                        co_inc[(p, ev.item, other)] += w
-                    recent_pos[pair] = ([ev.item] + [x for x in rp if x != ev.item])[
-                        : s.cooc_window]
-                t.recent_pos = recent_pos[pair]
-            for pair, t in out.touched.items():
-                t.recent_pos = recent_pos[pair]
-            self._flush_pop(tx, pop_inc, None)
-            for (p, a, b), w in co_inc.items():
-                ck = self.k("co", p, a)
-                tx.zincrby(ck, w, b)
-                trim_co.add(ck)
-            for key in trim_recent:
-                tx.ltrim(key, 0, s.recent_len - 1)
-            for key in trim_seen:
-                tx.zremrangebyrank(key, 0, -(s.seen_len + 1))
-            for key in trim_eids:
-                tx.zremrangebyrank(key, 0, -(s.eid_keep + 1))
-            for key in trim_co:
-                tx.zremrangebyrank(key, 0, -(s.cooc_keep + 1))
-            for (key, fld), n in stats.items():
-                tx.hincrby(key, fld, int(n))
-            for q, fields in new_wm.items():
-                tx.hset(self.wm_key(q), mapping=fields)
-            tx.hincrby(self.k("stats"), "events_applied", out.applied)
-            tx.hincrby(self.k("stats"), "duplicates_offset", out.dup_offset)
-            tx.hincrby(self.k("stats"), "duplicates_event", out.dup_event)
-            await tx.execute()
+        out = ApplyResult()
+        rows = []
+        for q, ev in batch:
+            t = out.touched.setdefault((ev.user, ev.platform), Touched())
+            t.events += 1
+            t.produced_at = min(t.produced_at, ev.produced_at)
+            t.event_time = max(t.event_time, ev.event_time)
+            rows.append([q, f"{ev.src_topic}:{ev.src_partition}", ev.src_offset, ev.user,
+                         ev.platform, ev.item, ev.label, round(ev.weight, 6),
+                         round(ev.event_time, 3), ev.kind, ev.event_id])
+        req = json.dumps({
+            "p": self.p, "wm": self.wm_key(0)[:-1], "ev": rows,
+            "cfg": {"win": s.cooc_window, "recent": s.recent_len, "seen": s.seen_len,
+                    "eids": s.eid_keep, "cokeep": s.cooc_keep,
+                    "hl": s.popularity_half_life_s, "rebase": _REBASE_EXPONENT},
+        }, separators=(",", ":"))
+        res = json.loads(await self._retry("apply", lambda: self._apply_script(args=[req])))
+        out.applied, out.dup_offset, out.dup_event = res["a"], res["o"], res["e"]
+        recent = res.get("r") or {}
+        for (u, p), t in out.touched.items():
+            rp = recent.get(f"{u}\t{p}") or []
+            t.recent_pos = rp if isinstance(rp, list) else []
         return out
-
-    def _flush_pop(self, tx, pop_inc: dict[tuple[str, str], float],  # type: ignore[no-untyped-def]
-                   platform: str | None) -> None:
-        for (p, item) in [key for key in pop_inc if platform is None or key[0] == platform]:
-            tx.zincrby(self.k("pop", p), pop_inc.pop((p, item)), item)
 
     # -------------------------------------------------------------- recommend
     async def recommend(self, touched: dict[tuple[str, str], Touched]) -> list[Recommendations]:
@@ -272,56 +172,84 @@ class RedisState:
             return []
         return await self._retry("recommend", lambda: self._recommend_once(touched))
 
+    async def _popular(self, platform: str
+                       ) -> tuple[list[tuple[str, float]], dict[str, float]]:
+        """Top items of a platform, cached for ``_CACHE_TTL_S`` (a global aggregate)."""
+        now = time.monotonic()
+        hit = self._pop_cache.get(platform)
+        if hit is not None and now - hit[0] < _CACHE_TTL_S:
+            return hit[1]
+        lst = await self.r.zrevrange(self.k("pop", platform), 0, self.s.pop_candidates - 1,
+                                     withscores=True)
+        lst = [(str(i), float(sc)) for i, sc in lst]
+        self._pop_cache[platform] = (now, (lst, dict(lst)))
+        return lst, dict(lst)
+
+    async def _neighbours(self, keys: Iterable[tuple[str, str]]
+                          ) -> dict[tuple[str, str], list[tuple[str, float]]]:
+        now = time.monotonic()
+        out: dict[tuple[str, str], list[tuple[str, float]]] = {}
+        missing = []
+        for key in keys:
+            hit = self._co_cache.get(key)
+            if hit is not None and now - hit[0] < _CACHE_TTL_S:
+                out[key] = hit[1]
+            else:
+                missing.append(key)
+        if missing:
+            rd = self.r.pipeline(transaction=False)
+            for p, i in missing:
+                rd.zrevrange(self.k("co", p, i), 0, 49, withscores=True)
+            for key, lst in zip(missing, await rd.execute(), strict=True):
+                out[key] = [(str(i), float(sc)) for i, sc in lst]
+                self._co_cache[key] = (now, out[key])
+            if len(self._co_cache) > _CO_CACHE_MAX:
+                cutoff = now - _CACHE_TTL_S
+                self._co_cache = {k: v for k, v in self._co_cache.items() if v[0] >= cutoff}
+        return out
+
     async def _recommend_once(self, touched: dict[tuple[str, str], Touched]
                               ) -> list[Recommendations]:
         s = self.s
-        platforms = sorted({p for _, p in touched})
-        items = sorted({(p, i) for (_, p), t in touched.items() for i in t.recent_pos})
-        rd = self.r.pipeline(transaction=False)
-        for p in platforms:
-            rd.zrevrange(self.k("pop", p), 0, s.pop_candidates - 1, withscores=True)
-        for p, i in items:
-            rd.zrevrange(self.k("co", p, i), 0, 49, withscores=True)
-        res = await rd.execute()
-        pop = dict(zip(platforms, res[: len(platforms)], strict=True))
-        co = dict(zip(items, res[len(platforms):], strict=True))
-
-        # rank without exclusions, then check the head of each list against the seen set
-        ranked: dict[tuple[str, str], list[tuple[str, float]]] = {}
-        for (u, p), t in touched.items():
-            nb = [co[(p, i)] for i in t.recent_pos]
-            ranked[(u, p)] = popco_rank(pop[p], nb, lambda _i: False, 10**9, s.cooc_blend)
-        heads = {pair: [i for i, _ in lst[: 4 * s.rec_k]] for pair, lst in ranked.items()}
-        seen = await self._seen(heads)
-        short = {pair: [i for i, _ in ranked[pair][4 * s.rec_k:]] for pair in ranked
-                 if sum(1 for i in heads[pair] if i not in seen[pair]) < s.rec_k}
-        if short:
-            more = await self._seen(short)
-            for pair, st in more.items():
-                seen[pair] |= st
+        pop = {p: await self._popular(p) for p in sorted({p for _, p in touched})}
+        co = await self._neighbours({(p, i) for (_, p), t in touched.items()
+                                     for i in t.recent_pos})
+        pairs = list(touched)
+        limit = 3 * s.rec_k
+        ranked = {}
+        for u, p in pairs:
+            nb = [co[(p, i)] for i in touched[(u, p)].recent_pos]
+            ranked[(u, p)] = popco_scores(pop[p][0], nb, s.cooc_blend, limit, pop[p][1])
+        keep = await self._unseen(pairs, ranked, s.rec_k)
+        short = [pair for pair in pairs
+                 if len(keep[pair]) < s.rec_k and len(ranked[pair]) >= limit]
+        if short:  # the user consumed most of the head: rank deeper
+            for u, p in short:
+                nb = [co[(p, i)] for i in touched[(u, p)].recent_pos]
+                ranked[(u, p)] = popco_scores(pop[p][0], nb, s.cooc_blend, 10**6, pop[p][1])
+            keep.update(await self._unseen(short, ranked, s.rec_k))
         now = time.time()
         out = []
-        for (u, p), t in touched.items():
-            top = [RecItem(item=i, score=sc) for i, sc in ranked[(u, p)]
-                   if i not in seen[(u, p)]][: s.rec_k]
+        for u, p in pairs:
+            t = touched[(u, p)]
+            lst = ranked[(u, p)]
             out.append(Recommendations(
-                user=u, platform=p, items=top, scorer=SCORER_VERSION,
-                event_time=t.event_time,
+                user=u, platform=p, items=[RecItem(item=lst[i][0], score=lst[i][1])
+                                           for i in keep[(u, p)]],
+                scorer=SCORER_VERSION, event_time=t.event_time,
                 produced_at=t.produced_at if math.isfinite(t.produced_at) else now,
                 published_at=now, events=t.events))
         return out
 
-    async def _seen(self, cands: dict[tuple[str, str], list[str]]) -> dict[tuple[str, str],
-                                                                             set[str]]:
-        pairs = [pair for pair, lst in cands.items() if lst]
-        rd = self.r.pipeline(transaction=False)
-        for u, p in pairs:
-            rd.zmscore(self.k("u", u, p, "seen"), cands[(u, p)])
-        res = await rd.execute() if pairs else []
-        out: dict[tuple[str, str], set[str]] = {pair: set() for pair in cands}
-        for pair, scores in zip(pairs, res, strict=True):
-            out[pair] = {i for i, sc in zip(cands[pair], scores, strict=True) if sc is not None}
-        return out
+    async def _unseen(self, pairs: list[tuple[str, str]],
+                      ranked: dict[tuple[str, str], list[tuple[str, float]]], need: int
+                      ) -> dict[tuple[str, str], list[int]]:
+        """Indices (0-based, in rank order) of the first ``need`` unconsumed items."""
+        req = json.dumps({"p": self.p, "q": [[u, p, [i for i, _ in ranked[(u, p)]], need]
+                                             for u, p in pairs]}, separators=(",", ":"))
+        res = json.loads(await self._unseen_script(args=[req]))
+        return {pair: [i - 1 for i in (idx or [])] if isinstance(idx, list) else []
+                for pair, idx in zip(pairs, res, strict=True)}
 
     async def cache(self, recs: Iterable[Recommendations]) -> None:
         recs = list(recs)
@@ -346,17 +274,3 @@ class RedisState:
     async def stats(self) -> dict[str, int]:
         raw = await self.r.hgetall(self.k("stats"))
         return {k: int(v) for k, v in raw.items()}
-
-
-def _positives(entries: list[str], n: int) -> list[str]:
-    out: list[str] = []
-    for e in entries:
-        try:
-            item, label = json.loads(e)[:2]
-        except (ValueError, TypeError):
-            continue
-        if label == 1 and item not in out:
-            out.append(item)
-            if len(out) >= n:
-                break
-    return out

@@ -51,6 +51,16 @@ class Topics:
     def quality(self) -> str:
         return f"{self.prefix}metrics.quality"
 
+    def partitions(self, name: str, default: int) -> int:
+        """Low-volume topics get one partition: every partition costs the broker on each fetch."""
+        low = name == self.ingest or name.startswith(f"{self.prefix}catalog.") or name in (
+            self.heads, self.drift, self.quality, self.deadletter)
+        return 1 if low else default
+
+    def plan(self, platforms: Iterable[str], default: int) -> dict[str, int]:
+        """Every topic xrec uses, with its partition count."""
+        return {n: self.partitions(n, default) for n in self.all(platforms)}
+
     def all(self, platforms: Iterable[str]) -> list[str]:
         names = [self.ingest, self.unified, self.deadletter, self.train_examples, self.heads,
                  self.drift, self.quality]

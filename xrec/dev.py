@@ -29,7 +29,7 @@ __all__ = ["DevOptions", "run_dev", "Collector"]
 @dataclass
 class DevOptions:
     events: int = 20000
-    rate: float | None = 500.0
+    rate: float | None = 200.0
     malformed: float = 0.01
     once: bool = False
     as_json: bool = False
@@ -49,7 +49,9 @@ class Collector(threading.Thread):
 
         self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
                                       group_id=None, client_id="xrec-dev-collector",
-                                      fetch_max_wait_ms=50)
+                                      # latency is read from the records, not from when
+                                      # we see them: poll lazily, spare the broker
+                                      fetch_max_wait_ms=500, fetch_min_bytes=64 * 1024)
         tps = []
         for t in [*recs_topics, deadletter_topic]:
             parts = None
@@ -66,7 +68,11 @@ class Collector(threading.Thread):
             self.consumer.seek_to_beginning(*tps)
         else:
             self.consumer.seek_to_end(*tps)
+        for tp in tps:  # resolve positions now, not lazily at the first poll
+            self.consumer.position(tp)
         self.deadletter_topic = deadletter_topic
+        #: only recommendations covering events produced at/after this time count for latency
+        self.since = 0.0
         self.lock = threading.Lock()
         self.recs = 0
         self.users: set[str] = set()
@@ -95,7 +101,8 @@ class Collector(threading.Thread):
                 return
             self.recs += 1
             self.users.add(obj["user"])
-            self.latencies_ms.append((obj["published_at"] - obj["produced_at"]) * 1000.0)
+            if obj["produced_at"] >= self.since:
+                self.latencies_ms.append((obj["published_at"] - obj["produced_at"]) * 1000.0)
             self.last_recs[obj["platform"]] = obj
 
     def stop(self) -> None:
@@ -171,7 +178,8 @@ def run_dev(settings: Settings, o: DevOptions) -> int:
                 say(f"started embedded Redis at {redis_url}, pid {rs.pid}")
             else:
                 say(f"using Redis at {redis_url}")
-            create_topics(bootstrap, topics.all(platforms), settings.partitions)
+            plan = topics.plan(platforms, settings.partitions)
+            create_topics(bootstrap, plan, plan)
             env = {"KAFKA_BOOTSTRAP_SERVERS": bootstrap, "REDIS_URL": redis_url,
                    "XREC_STATE_EPOCH": epoch, "XREC_LOG_LEVEL": "INFO"}
             if settings.pseudonym_secret is None:

@@ -150,7 +150,7 @@ def start_redis(workdir: Path, port: int | None = None) -> Service:
     return svc
 
 
-def create_topics(bootstrap: str, names: Iterable[str], partitions: int,
+def create_topics(bootstrap: str, names: Iterable[str], partitions: int | dict[str, int],
                   timeout: float = 30.0) -> None:
     """Pre-create topics (idempotent). Tansu would auto-create them with 4 partitions."""
     from kafka.admin import KafkaAdminClient, NewTopic
@@ -165,7 +165,8 @@ def create_topics(bootstrap: str, names: Iterable[str], partitions: int,
                                      request_timeout_ms=10000)
             try:
                 existing = set(admin.list_topics())
-                new = [NewTopic(n, partitions, 1) for n in names if n not in existing]
+                new = [NewTopic(n, partitions if isinstance(partitions, int) else partitions[n], 1)
+                       for n in names if n not in existing]
                 if new:
                     with contextlib.suppress(TopicAlreadyExistsError):
                         admin.create_topics(new)
