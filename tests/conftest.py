@@ -1,0 +1,114 @@
+"""Fixtures: one real Tansu broker and one real Redis per test session (started here,
+stopped by PID), unique topic / key prefixes per test, worker subprocesses stopped by PID."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from streams.settings import Settings
+from streams.topics import Topics
+from xrec.stack import Service, create_topics, start_redis, start_tansu, start_worker
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).parent / "data"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@dataclass
+class Stack:
+    bootstrap: str
+    redis_url: str
+    workdir: Path
+    services: list[Service] = field(default_factory=list)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    wd = tmp_path_factory.mktemp("stack")
+    tansu = start_tansu(wd)
+    try:
+        redis = start_redis(wd)
+    except Exception:
+        tansu.stop()
+        raise
+    st = Stack(tansu.url, redis.url, wd, [tansu, redis])
+    try:
+        yield st
+    finally:
+        for svc in reversed(st.services):
+            svc.stop()
+
+
+@pytest.fixture
+def ns() -> str:
+    """A unique namespace for topics, Redis keys and the consumer group of one test."""
+    return "t" + uuid.uuid4().hex[:8]
+
+
+def make_settings(stack: Stack, ns: str, **kw: object) -> Settings:
+    base = dict(env="dev", kafka_bootstrap_servers=stack.bootstrap, redis_url=stack.redis_url,
+                topic_prefix=f"{ns}.", redis_prefix=f"{ns}:", app_id=f"{ns}-app", partitions=2,
+                platforms_path=str(DATA / "podcast.yaml"))
+    base.update(kw)
+    return Settings(**base)  # type: ignore[arg-type]
+
+
+def settings_env(s: Settings) -> dict[str, str]:
+    """The environment that makes a worker process see exactly these settings."""
+    env = {"KAFKA_BOOTSTRAP_SERVERS": s.kafka_bootstrap_servers or "",
+           "REDIS_URL": s.redis_url or ""}
+    for name, value in s.model_dump().items():
+        if name in ("kafka_bootstrap_servers", "redis_url") or value is None:
+            continue
+        if hasattr(value, "get_secret_value"):
+            value = value.get_secret_value()
+        env[f"XREC_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+    return env
+
+
+def create_all_topics(s: Settings) -> None:
+    from streams.platforms import load_platforms
+
+    plan = Topics(s).plan(load_platforms(s.platforms_path), s.partitions)
+    create_topics(s.kafka_bootstrap_servers or "", plan, plan)
+
+
+def wait_ready(s: Settings, worker: Service, timeout: float = 60) -> None:
+    import redis
+
+    r = redis.Redis.from_url(s.redis_url or "", decode_responses=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            assert worker.alive(), worker.log_tail(50)
+            raw = r.hget(f"{s.redis_prefix}workers", str(worker.pid))
+            if raw and json.loads(raw).get("ready"):
+                return
+            time.sleep(0.1)
+    finally:
+        r.close()
+    raise AssertionError(f"worker not ready:\n{worker.log_tail(50)}")
+
+
+@pytest.fixture
+def worker_factory(stack: Stack, tmp_path: Path) -> Iterator:
+    started: list[Service] = []
+
+    def start(s: Settings, name: str = "worker", agents: str = "all") -> Service:
+        w = start_worker(tmp_path, settings_env(s), agents=agents, name=name)
+        started.append(w)
+        wait_ready(s, w)
+        return w
+
+    yield start
+    for w in started:
+        w.stop()

@@ -1,0 +1,129 @@
+"""State in a real Redis: idempotent micro-batches, duplicates, exclusions, decay."""
+
+import asyncio
+
+import pytest
+import redis as redis_sync
+
+from streams.records import Interaction
+from streams.state import RedisState, redis_from_url
+from tests.conftest import make_settings
+
+T0 = 1_750_000_000.0
+
+
+def ev(user, item, off, *, platform="video", label=1, weight=1.0, t=None, eid=None, src="s:0",
+       q=0):
+    topic, part = src.split(":")
+    return q, Interaction(platform=platform, user=user, item=item, kind="watch", label=label,
+                          weight=weight, event_time=t if t is not None else T0 + off,
+                          event_id=eid or f"e{src}{off}", produced_at=T0 + off, src_topic=topic,
+                          src_partition=int(part), src_offset=off)
+
+
+def dump(url, prefix):
+    r = redis_sync.Redis.from_url(url, decode_responses=True)
+    out = {}
+    for k in sorted(r.scan_iter(f"{prefix}*")):
+        if k == f"{prefix}:stats":
+            continue  # global counters count duplicates on purpose
+        t = r.type(k)
+        out[k] = (r.lrange(k, 0, -1) if t == "list" else r.zrange(k, 0, -1, withscores=True)
+                  if t == "zset" else sorted(r.smembers(k)) if t == "set" else r.hgetall(k)
+                  if t == "hash" else r.get(k))
+    r.close()
+    return out
+
+
+@pytest.fixture
+def state(stack, ns):
+    s = make_settings(stack, ns, rec_k=5)
+    st = RedisState(redis_from_url(stack.redis_url), s, f"{ns}.events.unified")
+    return st
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_redelivered_batch_changes_nothing(state, stack, ns):
+    batch = [ev("u1", "a", 0), ev("u1", "b", 1), ev("u2", "a", 2), ev("u2", "c", 3, label=0)]
+
+    async def go():
+        r1 = await state.apply(batch)
+        before = dump(stack.redis_url, ns)
+        r2 = await state.apply(batch)
+        return r1, before, r2
+
+    r1, before, r2 = run(go())
+    assert (r1.applied, r1.dup_offset, r1.dup_event) == (4, 0, 0)
+    assert (r2.applied, r2.dup_offset, r2.dup_event) == (0, 4, 0)
+    assert dump(stack.redis_url, ns) == before
+    assert before[f"{ns}:u:u1:video:seen"] == [("a", T0), ("b", T0 + 1)]
+    assert before[f"{ns}:u:u2:stats"]["video:neg"] == "1"
+
+
+def test_renormalized_duplicate_and_duplicate_event_id_are_skipped(state):
+    async def go():
+        await state.apply([ev("u1", "a", 5)])
+        # normalize crashed before committing: same source offset, new unified record
+        r = await state.apply([ev("u1", "a", 5)])
+        assert (r.applied, r.dup_offset) == (0, 1)
+        # the platform sent the same event twice: same event id, new source offset
+        r = await state.apply([ev("u1", "a", 6, eid="es:05")])
+        assert (r.applied, r.dup_event) == (0, 1)
+        # a new event is applied; watermarks are per (unified partition, source partition)
+        r = await state.apply([ev("u1", "b", 7), ev("u3", "b", 1, src="s:1", q=1)])
+        assert r.applied == 2
+        return await state.stats()
+
+    st = run(go())
+    assert st["events_applied"] == 3 and st["duplicates_offset"] == 1
+    assert st["duplicates_event"] == 1
+
+
+def test_recommendations_exclude_consumed_items_and_use_cooccurrence(state):
+    async def go():
+        # u1 and u2 both like a then b; u3 likes a: b co-occurs with a
+        batch = [ev("u1", "a", 0), ev("u1", "b", 1), ev("u2", "a", 2), ev("u2", "b", 3),
+                 ev("u2", "c", 4), ev("u2", "d", 5), ev("u2", "e", 6), ev("u3", "a", 7)]
+        await state.apply(batch)
+        await asyncio.sleep(1.1)  # let the 1 s aggregate cache expire
+        res = await state.apply([ev("u3", "z", 8, label=0)])
+        return await state.recommend(res.touched)
+
+    (rec,) = run(go())
+    items = [r.item for r in rec.items]
+    assert rec.user == "u3" and rec.platform == "video" and rec.scorer == "popco-1"
+    assert "a" not in items and "z" not in items  # consumed, positive or negative
+    assert items[0] == "b"  # co-occurs with a, u3's last positive
+    assert set(items) == {"b", "c", "d", "e"}
+    assert [r.score for r in rec.items] == sorted((r.score for r in rec.items), reverse=True)
+
+
+def test_cold_user_on_a_platform_gets_popular_items(state):
+    async def go():
+        await state.apply([ev("u1", "hit", 0), ev("u2", "hit", 1), ev("u2", "meh", 2)])
+        res = await state.apply([ev("newbie", "x", 0, label=0, platform="shop", src="s:9")])
+        res.touched[("newbie", "video")] = res.touched.pop(("newbie", "shop"))
+        res.touched[("newbie", "video")].recent_pos = []
+        return await state.recommend(res.touched)
+
+    (rec,) = run(go())
+    assert [r.item for r in rec.items] == ["hit", "meh"]
+
+
+def test_popularity_decays_and_rebases_without_overflow(state, stack, ns):
+    hl = state.s.popularity_half_life_s
+    async def go():
+        await state.apply([ev("u1", "old", 0, t=T0)] * 1 + [ev("u2", "old", 1, t=T0)])
+        # 300 half-lives later: the anchor must be rebased (2^300 would be huge)
+        await state.apply([ev("u3", "new", 2, t=T0 + 300 * hl)])
+        await asyncio.sleep(1.1)
+        return await state._popular("video")
+
+    lst, _ = run(go())
+    assert [i for i, _ in lst] == ["new", "old"]
+    assert lst[0][1] == pytest.approx(1.0) and lst[1][1] < 1e-80
+    r = redis_sync.Redis.from_url(stack.redis_url, decode_responses=True)
+    assert float(r.hget(f"{ns}:popmeta:video", "anchor")) == pytest.approx(T0 + 300 * hl)
