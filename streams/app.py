@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
 from typing import Any
 
@@ -212,10 +213,15 @@ def create_app(settings: Settings, platforms: PlatformRegistry | None = None,
         key = state.k("workers")
         try:
             old = json.loads(await redis.hget(key, worker_id) or "{}")
-            old.update(info, agents=sorted(wanted), at=time.time())
+            old.update(info, agents=sorted(wanted), at=time.time(),
+                       host=socket.gethostname())
             await redis.hset(key, worker_id, json.dumps(old))
         except Exception as exc:  # noqa: BLE001
             log.warning("could not announce worker state: %s", exc)
+
+    @app.timer(5.0)
+    async def heartbeat() -> None:
+        await _announce()
 
     @app.timer(10.0)
     async def report() -> None:

@@ -127,6 +127,44 @@ def worker(agents: str | None, loglevel: str | None) -> None:
     w.execute_from_commandline()
 
 
+@cli.command()
+@click.option("--max-age", default=30.0, show_default=True,
+              help="a worker counts as alive if it reported within this many seconds")
+@click.option("--json", "as_json", is_flag=True)
+def health(max_age: float, as_json: bool) -> None:
+    """Exit 0 if a worker of this deployment is ready and reported recently (for healthchecks).
+
+    Workers report to Redis every 5 s; this checks the one on this host first.
+    """
+    import socket
+    import time
+
+    import redis
+
+    s = _settings()
+    r = redis.Redis.from_url(_need(s.redis_url, "REDIS_URL"), decode_responses=True,
+                             socket_timeout=3)
+    try:
+        workers = {pid: json.loads(v) for pid, v in r.hgetall(f"{s.redis_prefix}workers").items()}
+    except redis.RedisError as exc:
+        click.echo(f"unhealthy: Redis unreachable: {exc}", err=True)
+        sys.exit(1)
+    now = time.time()
+    host = socket.gethostname()
+    alive = {pid: w for pid, w in workers.items()
+             if w.get("ready") and now - float(w.get("at", 0)) <= max_age}
+    mine = {pid: w for pid, w in alive.items() if w.get("host") == host}
+    # a container checks its own worker; elsewhere any live worker will do
+    healthy = bool(mine) if any(w.get("host") == host for w in workers.values()) else bool(alive)
+    if as_json:
+        click.echo(json.dumps({"healthy": healthy, "workers": alive}))
+    if not healthy:
+        click.echo(f"unhealthy: no ready worker reported in the last {max_age:.0f}s", err=True)
+        sys.exit(1)
+    if not as_json:
+        click.echo(f"healthy: {len(alive)} ready worker(s)")
+
+
 # ------------------------------------------------------------------------ topics
 @cli.command()
 def topics() -> None:
