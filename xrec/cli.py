@@ -40,7 +40,7 @@ def _platforms(s: Settings):  # type: ignore[no-untyped-def]
     return load_platforms(s.platforms_path)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(name="xrec", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="xrec")
 def cli() -> None:
     """xrec: streaming cross-platform recommendations on Kafka + Faust + Redis.
@@ -168,7 +168,14 @@ def health(max_age: float, as_json: bool) -> None:
 # ------------------------------------------------------------------------ topics
 @cli.command()
 def topics() -> None:
-    """Create xrec's topics on KAFKA_BOOTSTRAP_SERVERS (idempotent)."""
+    """Create xrec's topics on KAFKA_BOOTSTRAP_SERVERS (idempotent; existing ones are kept).
+
+    \b
+    Per configured platform P: <prefix>events.P, <prefix>catalog.P, <prefix>recs.P;
+    shared: events.ingest, events.unified, deadletter, train.examples, models.heads,
+    metrics.drift, metrics.quality. High-volume topics get XREC_PARTITIONS partitions
+    (default 4), low-volume ones 1. The prefix is XREC_TOPIC_PREFIX (default "xrec.").
+    """
     from streams.topics import Topics
     from xrec.stack import create_topics
 
@@ -180,9 +187,14 @@ def topics() -> None:
 
 
 @cli.command()
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="one JSON array instead of text")
 def platforms(as_json: bool) -> None:
-    """List the configured platforms, their topics and native fields."""
+    """List the configured platforms, their topics and native fields.
+
+    Built-in platforms (shop, video, music) ship in streams/platforms/*.yaml. Add one
+    with a config file alone: write a YAML like those and point XREC_PLATFORMS_PATH at it
+    (files or folders, ':'-separated). See README, "Adding a platform".
+    """
     from streams.topics import Topics
 
     s = _settings()

@@ -1,0 +1,116 @@
+"""The command line: help that teaches, clear errors, and the commands against the real stack."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from tests.conftest import DATA, ROOT, create_all_topics, make_settings, settings_env
+from tests.kafka_util import read_all
+from xrec.cli import cli
+
+COMMANDS = ["dev", "worker", "topics", "platforms", "simulate", "replay", "catalog", "tail",
+            "recs", "health"]
+
+
+def invoke(args, env=None):
+    return CliRunner().invoke(cli, args, env=env, catch_exceptions=False)
+
+
+def test_top_level_help_lists_every_command():
+    out = invoke(["--help"]).output
+    for c in COMMANDS:
+        assert re.search(rf"^\s+{c}\b", out, re.M), c
+    assert "xrec dev --once --events 20000 --json" in out
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_each_command_has_help(command):
+    res = invoke([command, "--help"])
+    assert res.exit_code == 0 and "Usage:" in res.output and len(res.output) > 200
+
+
+def test_platforms_json_includes_config_only_platforms():
+    rows = json.loads(invoke(["platforms", "--json"],
+                             env={"XREC_PLATFORMS_PATH": str(DATA / "podcast.yaml")}).output)
+    names = {r["platform"] for r in rows}
+    assert names == {"shop", "video", "music", "podcast"}
+    pod = next(r for r in rows if r["platform"] == "podcast")
+    assert pod["events_topic"] == "xrec.events.podcast" and pod["event_fields"]["at"] == \
+        "timestamp"
+
+
+def test_missing_services_say_what_to_do():
+    res = CliRunner().invoke(cli, ["replay", "x.jsonl", "--platform", "shop"],
+                             env={"KAFKA_BOOTSTRAP_SERVERS": ""})
+    assert res.exit_code == 2 and "xrec dev" in res.output
+
+
+def test_unknown_platform_is_a_clear_error(tmp_path):
+    f = tmp_path / "e.jsonl"
+    f.write_text("{}\n")
+    res = CliRunner().invoke(cli, ["replay", str(f), "--platform", "fax"],
+                             env={"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1"})
+    assert res.exit_code != 0
+    assert "unknown platform 'fax'" in str(res.exception) + res.output
+
+
+def test_worker_refuses_to_run_without_a_secret():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XREC_")}
+    env.update(KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:1", REDIS_URL="redis://127.0.0.1:1")
+    p = subprocess.run([sys.executable, "-m", "xrec", "worker"], env=env, capture_output=True,
+                       text=True, timeout=60, cwd=ROOT)
+    assert p.returncode == 2 and "XREC_PSEUDONYM_SECRET is not set" in p.stderr
+
+
+def test_simulate_replay_csv_gz_and_catalog(stack, ns, tmp_path):
+    s = make_settings(stack, ns)
+    create_all_topics(s)
+    env = settings_env(s)
+    res = invoke(["simulate", "--out", str(tmp_path / "sim"), "--events", "300", "--json"])
+    man = json.loads(res.output)
+    assert man["valid_events"] == 300 and (tmp_path / "sim" / "manifest.json").is_file()
+    csv_path = tmp_path / "shop.csv.gz"
+    with gzip.open(csv_path, "wt") as f:
+        f.write("event_id,customer_id,sku,action,ts\n")
+        for i in range(25):
+            f.write(f"e{i},c{i % 4},sku-{i % 5:05d},view,1750000000\n")
+    res = invoke(["replay", str(csv_path), "--platform", "shop", "--rate", "500"], env=env)
+    assert res.exit_code == 0, res.output
+    got = read_all(stack.bootstrap, f"{ns}.events.shop")
+    assert len(got) == 25 and json.loads(got[0][1])["action"] == "view"
+    res = invoke(["catalog", str(tmp_path / "sim" / "shop.catalog.jsonl"), "--platform", "shop"],
+                 env=env)
+    assert res.exit_code == 0
+    assert len(read_all(stack.bootstrap, f"{ns}.catalog.shop")) == man["items"]["shop"]
+
+
+def test_dev_once_json_contract(tmp_path):
+    """`xrec dev --once --events N --json` starts its own broker and Redis, runs the loop,
+    prints the JSON summary last, and stops everything it started."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("KAFKA_BOOTSTRAP_SERVERS", "REDIS_URL") and not k.startswith("XREC_")}
+    p = subprocess.run([sys.executable, "-m", "xrec", "dev", "--once", "--events", "1500",
+                        "--rate", "400", "--json", "--workdir", str(tmp_path)],
+                       env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    summary = json.loads(p.stdout.strip().splitlines()[-1])
+    for key in ("events", "users", "recommendations", "users_with_recs", "deadlettered",
+                "latency_ms_p50", "latency_ms_p99"):
+        assert key in summary, key
+    assert summary["deadlettered"] == summary["deadlettered_expected"] > 0
+    assert summary["users_with_recs"] >= 0.95 * summary["users"] > 0
+    assert summary["recommendations"] > 0 and summary["latency_ms_p99"] >= \
+        summary["latency_ms_p50"] > 0
+    pids = [int(x) for x in re.findall(r"pid (\d+)", p.stderr)]
+    assert len(pids) == 3  # broker, Redis, worker
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}") or \
+            open(f"/proc/{pid}/stat").read().split()[2] == "Z", f"pid {pid} still running"
