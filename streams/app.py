@@ -18,7 +18,9 @@ import json
 import logging
 import os
 import socket
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import faust
@@ -88,6 +90,8 @@ def base_app(settings: Settings, app_id: str) -> faust.App:
         web_port=settings.web_port or 6066,
         web_bind="127.0.0.1",
         stream_wait_empty=False,
+        # Faust keeps nothing of ours on disk (state is in Redis); keep its folder out of cwd
+        datadir=str(Path(tempfile.gettempdir()) / "xrec-faust" / "{conf.name}-data"),
     )
     app.xrec_fetch_max_wait_ms = settings.fetch_max_wait_ms  # type: ignore[attr-defined]
     return app

@@ -40,7 +40,8 @@ def _platforms(s: Settings):  # type: ignore[no-untyped-def]
     return load_platforms(s.platforms_path)
 
 
-@click.group(name="xrec", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(name="xrec",
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="xrec")
 def cli() -> None:
     """xrec: streaming cross-platform recommendations on Kafka + Faust + Redis.
