@@ -72,6 +72,8 @@ def base_app(settings: Settings, app_id: str) -> faust.App:
     if not settings.kafka_bootstrap_servers:
         raise ConfigError("KAFKA_BOOTSTRAP_SERVERS is not set (or run `xrec dev`)")
     _patch_fetch_wait()
+    faust_dir = Path(tempfile.gettempdir()) / "xrec-faust"
+    faust_dir.mkdir(parents=True, exist_ok=True)
     brokers = ";".join(f"kafka://{b.strip()}" for b in settings.kafka_bootstrap_servers.split(","))
     app = faust.App(
         app_id,
@@ -91,7 +93,7 @@ def base_app(settings: Settings, app_id: str) -> faust.App:
         web_bind="127.0.0.1",
         stream_wait_empty=False,
         # Faust keeps nothing of ours on disk (state is in Redis); keep its folder out of cwd
-        datadir=str(Path(tempfile.gettempdir()) / "xrec-faust" / "{conf.name}-data"),
+        datadir=str(faust_dir / "{conf.name}-data"),
     )
     app.xrec_fetch_max_wait_ms = settings.fetch_max_wait_ms  # type: ignore[attr-defined]
     return app
