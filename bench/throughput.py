@@ -126,7 +126,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.
                                  RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=10000, help="events for the rate runs")
-    ap.add_argument("--latency-events", type=int, default=3000)
+    ap.add_argument("--latency-events", type=int, default=6000,
+                    help="events for the latency phase (30 s at 200/s)")
     ap.add_argument("--rate", type=float, default=200.0, help="offered rate for latency")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()

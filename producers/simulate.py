@@ -157,7 +157,8 @@ def simulate(cfg: SimConfig, out: Path) -> dict[str, Any]:
         for n in range(cfg.ingest_events):
             u = int(rng.integers(n_users))
             if n % 5 == 4:
-                ev = {"platform": "telegraph", "event_id": f"i-{n:07d}", "user": f"u-{u}"}
+                ev = {"platform": "telegraph", "event_id": f"i-{n:07d}",
+                      "sender": f"telegraph-user-{u:05d}"}
                 ingest_unknown += 1
             else:
                 p = PLATFORMS[n % 3]

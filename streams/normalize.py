@@ -143,9 +143,11 @@ class Normalizer:
             name = obj.get("platform")
             if not isinstance(name, str) or name not in self.platforms:
                 shown = repr(name)[:40] if name is not None else "no `platform` field"
+                # its identity fields are unknown: keep the field names, drop every value
+                blind = {k: (v if k == "platform" else "…") for k, v in obj.items()}
                 return self._dead(src, None, "unknown_platform",
                                   f"unknown platform {shown}; configured: "
-                                  f"{', '.join(sorted(self.platforms))}", raw, obj)
+                                  f"{', '.join(sorted(self.platforms))}", raw, blind)
             platform = name
         p = self.platforms[platform]
         try:

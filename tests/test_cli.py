@@ -114,3 +114,30 @@ def test_dev_once_json_contract(tmp_path):
     for pid in pids:
         assert not os.path.exists(f"/proc/{pid}") or \
             open(f"/proc/{pid}/stat").read().split()[2] == "Z", f"pid {pid} still running"
+
+
+def test_recs_derives_keys_from_raw_ids_locally(stack, ns):
+    import redis as redis_sync
+
+    from streams.normalize import Pseudonymizer
+    from streams.platforms import load_platforms
+    from streams.records import RecItem, Recommendations
+    from streams.settings import DEV_SECRET
+
+    video = load_platforms()["video"]
+    pseudo = Pseudonymizer(DEV_SECRET.encode())
+    by_account = pseudo.user_key(video, {"viewer_id": "v-raw-1", "account_id": "acct-1"})
+    local = pseudo.user_key(video, {"viewer_id": "v-raw-2"})
+    r = redis_sync.Redis.from_url(stack.redis_url)
+    for user, item in ((by_account, "vid-a"), (local, "vid-b")):
+        rec = Recommendations(user=user, platform="video", items=[RecItem(item=item, score=1.0)],
+                              scorer="popco-1", event_time=1.0, produced_at=1.0,
+                              published_at=2.0, events=1)
+        r.set(f"{ns}:recs:video:{user}", rec.model_dump_json())
+    env = {"REDIS_URL": stack.redis_url, "XREC_REDIS_PREFIX": f"{ns}:", "XREC_ENV": "dev"}
+    out = invoke(["recs", "acct-1", "--account-id", "--platform", "video"], env=env).output
+    assert "vid-a" in out
+    out = invoke(["recs", "v-raw-2", "--raw-id", "--platform", "video", "--json"], env=env).output
+    assert json.loads(out)["items"][0]["item"] == "vid-b"
+    res = CliRunner().invoke(cli, ["recs", "nobody", "--platform", "video"], env=env)
+    assert res.exit_code == 1 and "no cached recommendations" in res.output

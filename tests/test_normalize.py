@@ -127,10 +127,11 @@ def test_ingest_topic_routes_by_platform_field(norm):
     ok["platform"] = "video"
     out = run(norm, json.dumps(ok).encode(), None)
     assert isinstance(out, Interaction) and out.platform == "video"
-    for bad in ({"platform": "podcast"}, {"platform": 3}, {"x": 1}):
+    for bad in ({"platform": "podcast", "member": "raw-member-9"}, {"platform": 3}, {"x": 1}):
         out = run(norm, json.dumps(bad).encode(), None)
         assert isinstance(out, DeadLetter) and out.code == "unknown_platform"
         assert out.platform is None
+        assert "raw-member-9" not in out.excerpt  # unknown schema: no values at all
 
 
 def test_mapping_errors_are_dead_letters():

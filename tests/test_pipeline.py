@@ -128,9 +128,11 @@ def test_whole_loop(stack, ns, worker_factory, sim, tmp_path):
 
     # --- privacy: no raw user id or account id anywhere downstream
     raw_ids = set()
-    for p, f in man["files"]["events"].items():
+    for f in [*man["files"]["events"].values(), man["files"]["ingest"]]:
         for line in (d / f).read_bytes().splitlines():
-            raw_ids |= set(re.findall(rb"(?:shop|video|music)-user-\d{5}|acct-\d{5}", line))
+            raw_ids |= set(re.findall(rb"(?:shop|video|music|telegraph)-user-\d{5}|acct-\d{5}",
+                                      line))
+    assert any(x.startswith(b"telegraph-") for x in raw_ids)
     raw_ids |= {f"pod-raw-{i}".encode() for i in range(3)}
     assert len(raw_ids) > 50
     pattern = re.compile(b"|".join(re.escape(x) for x in sorted(raw_ids)))

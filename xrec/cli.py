@@ -357,18 +357,32 @@ def tail(what: str, user: str | None, as_json: bool, from_beginning: bool, limit
 @click.argument("user")
 @click.option("--platform", "-p", required=True)
 @click.option("--raw-id", is_flag=True,
-              help="USER is a raw platform user id: derive its key here (needs the secret)")
+              help="USER is the platform's raw user id: derive its key here (needs the secret)")
+@click.option("--account-id", is_flag=True,
+              help="USER is a raw shared identity (e.g. account id): derive its key here")
 @click.option("--json", "as_json", is_flag=True)
-def recs(user: str, platform: str, raw_id: bool, as_json: bool) -> None:
-    """Print a user's cached recommendations on a platform (from Redis)."""
+def recs(user: str, platform: str, raw_id: bool, account_id: bool, as_json: bool) -> None:
+    """Print a user's cached recommendations on a platform (from Redis).
+
+    USER is a user key (the HMAC pseudonym found on every topic). With --raw-id or
+    --account-id the key is derived here from a raw id with XREC_PSEUDONYM_SECRET; the raw
+    id is never sent anywhere. Events that carry a shared identity are keyed by it, so use
+    --account-id for those users.
+    """
     from consumers.cache import RecsCache
     from streams.normalize import Pseudonymizer
 
     s = _settings()
     p = _platforms(s).require(platform)
+    if raw_id and account_id:
+        raise click.UsageError("give --raw-id or --account-id, not both")
+    pseudo = Pseudonymizer(s.secret_bytes(), s.pseudonym_hex_chars)
     if raw_id:
-        user = Pseudonymizer(s.secret_bytes(), s.pseudonym_hex_chars).user_key(
-            p, {p.identity.user: user})
+        user = pseudo.user_key(p, {p.identity.user: user})
+    elif account_id:
+        if not p.identity.shared:
+            raise click.UsageError(f"platform {p.name} declares no shared identity field")
+        user = pseudo.key(p.identity.namespace, user)
     cache = RecsCache(_need(s.redis_url, "REDIS_URL"), s.redis_prefix)
     rec = cache.recs(p.name, user)
     if rec is None:
