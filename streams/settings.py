@@ -56,7 +56,7 @@ class Settings(BaseSettings):
 
     # --- processing -----------------------------------------------------------------
     batch_max: int = Field(256, ge=1, description="micro-batch size bound")
-    batch_within_s: float = Field(0.02, gt=0, description="micro-batch time bound")
+    batch_within_s: float = Field(0.01, gt=0, description="micro-batch time bound")
     fetch_max_wait_ms: int = Field(20, ge=1, le=5000, description="consumer fetch wait")
     producer_linger_ms: int = Field(5, ge=0, le=1000, description="producer batching delay")
     recent_len: int = Field(50, ge=1, description="recent interactions kept per user+platform")
