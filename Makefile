@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "xrec needs Python 3.11"'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0  # first: the CPU wheel (other versions pull CUDA builds)
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 

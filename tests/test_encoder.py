@@ -1,0 +1,85 @@
+"""The frozen text encoder: backends agree, vectors are unit length and in the caller's order,
+ONNX files are cached, meaning crosses platforms, and non-English titles don't break it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models.encoder import EncoderConfig, load_encoder
+
+TEXTS = [
+    "Cosmic telescope. astronomy. Orion",
+    "Nebula. science fiction, space opera. a crew drifts beyond the edge of the galaxy",
+    "Starlight Drive. Cosmic Arcade. synthwave, space ambient, retro electronic",
+    "Rustic chef knife. kitchen. Wusthof",
+    "Kitchen Secrets. cooking show, food documentary. chefs travel italy in search of pasta",
+    "Bossa for Dinner. Trattoria Trio. bossa nova, dinner jazz, cafe",
+    "Hiking backpack",
+    "a" * 2000,  # longer than max_length: truncated, not an error
+]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("onnx")
+
+
+@pytest.fixture(scope="module")
+def encoders(cache):
+    return {b: load_encoder(EncoderConfig(backend=b, cache_dir=cache, threads=2))
+            for b in ("torch", "onnx-fp32", "onnx-int8")}
+
+
+def test_unit_vectors_in_caller_order(encoders):
+    for name, enc in encoders.items():
+        v = enc.encode(TEXTS)
+        assert v.shape == (len(TEXTS), 384) and v.dtype == np.float32
+        assert np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-4)
+        # length-sorted batching must not reorder results
+        single = np.stack([enc.encode([t])[0] for t in TEXTS])
+        cos = np.sum(v * single, axis=1)
+        # int8 scales activations per batch, so batch-mates move a vector slightly
+        assert cos.min() > (0.95 if name == "onnx-int8" else 0.99999), name
+        assert enc.device == "cpu"
+
+
+def test_backends_agree_within_tolerance(encoders):
+    ref = encoders["torch"].encode(TEXTS)
+    fp32 = encoders["onnx-fp32"].encode(TEXTS)
+    int8 = encoders["onnx-int8"].encode(TEXTS)
+    assert np.min(np.sum(ref * fp32, axis=1)) > 0.9999
+    assert np.min(np.sum(ref * int8, axis=1)) > 0.97
+    assert len({e.id for e in encoders.values()}) == 3  # spaces never mix
+
+
+def test_same_space_across_platforms(encoders):
+    v = encoders["onnx-int8"].encode(TEXTS[:6])
+    s = v @ v.T
+    # the telescope is nearer the space opera and the synthwave track than the kitchen items
+    assert min(s[0, 1], s[0, 2]) > max(s[0, 3], s[0, 4], s[0, 5])
+    # and the cooking show nearer the chef knife and dinner jazz than the space items
+    assert min(s[4, 3], s[4, 5]) > max(s[4, 0], s[4, 1], s[4, 2])
+
+
+def test_onnx_files_are_cached(cache, encoders):
+    files = sorted(cache.glob("*.onnx"))
+    assert len(files) == 2
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    again = load_encoder(EncoderConfig(backend="onnx-int8", cache_dir=cache))
+    assert [f.stat().st_mtime_ns for f in sorted(cache.glob("*.onnx"))] == mtimes
+    assert again.id == encoders["onnx-int8"].id
+
+
+def test_chinese_titles_do_not_fail(encoders):
+    """The default model is English: CJK titles tokenise to single characters (in the vocab)
+    and get valid but weak vectors. Configure a multilingual model folder for such catalogs."""
+    zh = ["天文望远镜 星空观测", "太空歌剧 星际战争电影", "意大利面 厨房 刀具", "", "🚀🔭"]
+    for enc in encoders.values():
+        v = enc.encode(zh)
+        assert np.isfinite(v).all() and np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-3)
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="choose from"):
+        load_encoder(EncoderConfig(backend="tpu"))
