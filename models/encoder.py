@@ -86,6 +86,12 @@ def _model_fingerprint(d: Path) -> str:
     return h.hexdigest()[:12]
 
 
+def _model_name(d: Path) -> str:
+    if d == default_model_dir():
+        return "all-MiniLM-L6-v2"
+    return d.name
+
+
 class _Batcher:
     """Sort by length, encode in batches, restore the caller's order."""
 
@@ -118,7 +124,7 @@ class TorchEncoder:
         self.model = AutoModel.from_pretrained(d, local_files_only=True).to(self.device).eval()
         self.max_length = cfg.max_length
         self.dim = int(self.model.config.hidden_size)
-        self.id = f"{d.name}-{_model_fingerprint(d)}:torch:{cfg.max_length}"
+        self.id = f"{_model_name(d)}-{_model_fingerprint(d)}:torch:{cfg.max_length}"
         self._b = _Batcher(cfg.batch_size)
 
     def _batch(self, texts: list[str]) -> np.ndarray:
@@ -156,7 +162,7 @@ def _export_onnx(d: Path, path: Path, max_length: int) -> None:
 
     model = Pooled(AutoModel.from_pretrained(d, local_files_only=True).eval())
     ids = torch.ones((2, 8), dtype=torch.long)
-    tmp = path.with_suffix(".tmp.onnx")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.onnx")  # concurrent exporters don't collide
     axes = {0: "batch", 1: "seq"}
     with torch.inference_mode():
         torch.onnx.export(model, (ids, torch.ones_like(ids), torch.zeros_like(ids)), str(tmp),
@@ -171,7 +177,7 @@ def _export_onnx(d: Path, path: Path, max_length: int) -> None:
 def _quantize(src: Path, dst: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    tmp = dst.with_suffix(".tmp.onnx")
+    tmp = dst.with_suffix(f".{os.getpid()}.tmp.onnx")
     # per-channel: per-tensor int8 lost too much accuracy on this model (issue 3 notes)
     quantize_dynamic(str(src), str(tmp), per_channel=True, weight_type=QuantType.QInt8,
                      op_types_to_quantize=["MatMul", "Gemm"])
@@ -179,18 +185,19 @@ def _quantize(src: Path, dst: Path) -> None:
 
 
 def cuda_usable_for_onnx() -> bool:
-    """True only if a CUDA session really runs (the GPU package lists CUDA on CPU machines)."""
+    """Whether to try CUDA: the GPU package lists CUDA (and `get_device()` says GPU) even on
+    machines without one, so also require the NVIDIA driver library to load. The session
+    then reports the provider it really uses (``OnnxEncoder.device``)."""
+    import ctypes
+
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return False
     try:
-        import torch
-
-        if not torch.cuda.is_available():
-            return False
-    except ImportError:
-        pass
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
     return True
 
 
@@ -232,7 +239,7 @@ class OnnxEncoder:
         self.inputs = {i.name for i in self.session.get_inputs()}
         self.dim = int(self.session.get_outputs()[0].shape[1] or 384)
         kind = "onnx-int8" if quantized else "onnx-fp32"
-        self.id = f"{d.name}-{fp}:{kind}:{cfg.max_length}"
+        self.id = f"{_model_name(d)}-{fp}:{kind}:{cfg.max_length}"
         self.path = path
         self._b = _Batcher(cfg.batch_size)
 

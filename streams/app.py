@@ -14,12 +14,14 @@ exactly-once through the offset watermarks described in :mod:`streams.state`.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import socket
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +32,11 @@ from pydantic import ValidationError
 from streams.catalog import parse_catalog_record
 from streams.normalize import Normalizer
 from streams.platforms import PlatformRegistry, load_platforms
-from streams.records import DeadLetter, Interaction
+from streams.records import CatalogItem, DeadLetter, Interaction
 from streams.settings import Settings
 from streams.state import RedisState, redis_from_url
 from streams.topics import Topics
+from streams.vectors import VectorStore, usable_text
 
 __all__ = ["create_app", "base_app", "AGENTS"]
 
@@ -183,6 +186,19 @@ def create_app(settings: Settings, platforms: PlatformRegistry | None = None,
                 batch_stats["events"] += len(events)
                 batch_stats["ms"] += (time.perf_counter() - t_batch) * 1000
 
+    vectors: VectorStore | None = None
+    encoder = None
+    enc_cfg = settings.encoder_config()
+    if enc_cfg is not None and ("catalog" in wanted or "recommend" in wanted):
+        from models.encoder import load_encoder
+
+        encoder = load_encoder(enc_cfg)  # exports/quantizes once, then cached on disk
+        vectors = VectorStore(settings.redis_url, settings.redis_prefix, encoder.id,
+                              encoder.dim)
+        log.info("item encoder %s on %s", encoder.id, encoder.device)
+    app.xrec_vectors = vectors  # type: ignore[attr-defined]
+    encode_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xrec-encode")
+
     if "catalog" in wanted:
         cat_by_topic = {topics.catalog(p): p for p in platforms}
         cat_source = app.topic(*cat_by_topic, **raw)
@@ -190,7 +206,7 @@ def create_app(settings: Settings, platforms: PlatformRegistry | None = None,
         @app.agent(cat_source, name="xrec.catalog")
         async def catalog(stream: Any) -> None:
             async for events in stream.take_events(256, 0.2):
-                pipe = redis.pipeline(transaction=False)
+                latest: dict[tuple[str, str], CatalogItem] = {}
                 for ev in events:
                     m = ev.message
                     p = platforms[cat_by_topic[m.topic]]
@@ -198,12 +214,64 @@ def create_app(settings: Settings, platforms: PlatformRegistry | None = None,
                                                partition=m.partition, offset=m.offset)
                     if isinstance(out, DeadLetter):
                         await dead(out)
+                    else:
+                        latest[(out.platform, out.item)] = out
+                if latest:
+                    items = list(latest.values())
+                    await state._retry("catalog", lambda items=items: _store_items(items))
+
+        async def _store_items(items: list[CatalogItem]) -> None:
+            """Store metadata; encode only items whose text changed or has no vector yet."""
+            keys = [state.k("item", it.platform, it.item) for it in items]
+            rd = redis.pipeline(transaction=False)
+            for key in keys:
+                rd.hget(key, "text")
+            old = await rd.execute()
+            todo: dict[str, list[CatalogItem]] = {}
+            notext = 0
+            prev_text = {(it.platform, it.item): o for it, o in zip(items, old, strict=True)}
+            for it in items:
+                if not usable_text(it.text):
+                    notext += 1
+                    continue
+                todo.setdefault(it.platform, []).append(it)
+            encoded = 0
+            if vectors is not None and encoder is not None:
+                loop = asyncio.get_running_loop()
+                for p, lst in todo.items():
+                    missing = await vectors.missing(p, [it.item for it in lst])
+                    need = [it for it, miss in zip(lst, missing, strict=True)
+                            if miss or prev_text.get((p, it.item)) != it.text]
+                    if not need:
                         continue
-                    key = state.k("item", out.platform, out.item)
-                    pipe.hset(key, mapping={"text": out.text,
-                                            "fields": _json(out.fields)})
-                    pipe.sadd(state.k("items", out.platform), out.item)
-                await state._retry("catalog", pipe.execute)
+                    vecs = await loop.run_in_executor(encode_pool, encoder.encode,
+                                                      [it.text for it in need])
+                    await vectors.put(p, [it.item for it in need], vecs)
+                    encoded += len(need)
+            pipe = redis.pipeline(transaction=False)
+            for it, key in zip(items, keys, strict=True):
+                pipe.hset(key, mapping={"text": it.text, "fields": _json(it.fields),
+                                        "notext": 0 if usable_text(it.text) else 1})
+                pipe.sadd(state.k("items", it.platform), it.item)
+            pipe.hincrby(state.k("stats"), "catalog_items", len(items))
+            pipe.hincrby(state.k("stats"), "catalog_encoded", encoded)
+            pipe.hincrby(state.k("stats"), "catalog_notext", notext)
+            await pipe.execute()
+
+    if vectors is not None:
+        plist = list(platforms)
+
+        @app.timer(2.0)
+        async def refresh_index() -> None:
+            """Every worker keeps each platform's vectors in memory, reloading on change."""
+            try:
+                n = await vectors.refresh(plist)
+            except Exception as exc:  # noqa: BLE001 - retried at the next tick
+                log.warning("item index refresh failed: %s", exc)
+                return
+            if n:
+                log.info("item index: %s", ", ".join(
+                    f"{p} {len(vectors.index.get(p) or [])}" for p in plist))
 
     worker_id = str(os.getpid())
 

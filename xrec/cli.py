@@ -397,6 +397,74 @@ def recs(user: str, platform: str, raw_id: bool, account_id: bool, as_json: bool
         click.echo(f"{i:>3}. {r.item:<14} {r.score:.3f}  {title or ''}")
 
 
+# ----------------------------------------------------------------------- similar
+@cli.command()
+@click.option("--item", default=None, help="an item id (with --platform): find its neighbours")
+@click.option("--platform", "-p", default=None, help="platform of --item")
+@click.option("--text", default=None, help="a free-text query instead of an item")
+@click.option("--to", "to", default=None,
+              help="target platforms, comma-separated (default: every platform)")
+@click.option("-k", default=10, show_default=True, help="neighbours per platform")
+@click.option("--json", "as_json", is_flag=True)
+def similar(item: str | None, platform: str | None, text: str | None, to: str | None, k: int,
+            as_json: bool) -> None:
+    """Nearest items on other platforms, in the language model's shared space.
+
+    \b
+      xrec similar --item vid-00003 --platform video --to music,shop
+      xrec similar --text "space opera with synthesizers" --to music
+    \b
+    Reads the item vectors the catalog agent stored in Redis for the configured encoder
+    (XREC_ENCODER_BACKEND, XREC_ENCODER_MODEL); a text query is encoded here with the same
+    encoder. Scores are cosine similarities.
+    """
+    from consumers.cache import RecsCache
+    from models.encoder import load_encoder
+    from streams.vectors import load_index_sync
+
+    if (item is None) == (text is None):
+        raise click.UsageError("give --item (with --platform) or --text")
+    if item is not None and platform is None:
+        raise click.UsageError("--item needs --platform")
+    s = _settings()
+    reg = _platforms(s)
+    url = _need(s.redis_url, "REDIS_URL")
+    cfg = s.encoder_config(threads=0)
+    if cfg is None:
+        raise click.UsageError("XREC_ENCODER_BACKEND=none: no item vectors to search")
+    enc = load_encoder(cfg)
+    targets = [reg.require(t.strip()).name for t in to.split(",")] if to else list(reg)
+    if item is not None:
+        src = reg.require(platform or "").name
+        q = load_index_sync(url, s.redis_prefix, enc.id, src, enc.dim).vector(item)
+        if q is None:
+            raise click.UsageError(
+                f"no vector for {src} item {item!r} under encoder {enc.id}: is it in the "
+                "catalog (xrec catalog), with usable text, and has the worker encoded it?")
+        query = {"item": item, "platform": src}
+    else:
+        q = enc.encode([text or ""])[0]
+        src = None
+        query = {"text": text}
+    cache = RecsCache(url, s.redis_prefix)
+    results: dict[str, list[dict[str, object]]] = {}
+    for t in targets:
+        idx = load_index_sync(url, s.redis_prefix, enc.id, t, enc.dim)
+        hits = idx.search(q, k, exclude=[item] if (item and t == src) else [])
+        results[t] = [{"item": i, "score": sc, "title": cache.title(t, i)} for i, sc in hits]
+    if as_json:
+        click.echo(json.dumps({"query": query, "encoder": enc.id, "results": results},
+                              ensure_ascii=False))
+        return
+    what = f"{src} item {item}" if item else f"“{text}”"
+    title = cache.title(src, item) if (item and src) else None
+    click.echo(f"nearest to {what}" + (f" “{title}”" if title else "") + f" ({enc.id})")
+    for t, hits in results.items():
+        click.echo(f"  {t}:" + ("" if hits else " (no vectors yet)"))
+        for h in hits:
+            click.echo(f"    {h['score']:.3f}  {h['item']:<12} {h['title'] or ''}")
+
+
 def main() -> None:
     logging.basicConfig(level=os.environ.get("XREC_LOG_LEVEL", "WARNING").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
