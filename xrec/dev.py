@@ -201,6 +201,15 @@ def run_dev(settings: Settings, o: DevOptions) -> int:
             try:
                 rep.replay([Source(sim / f, topics.catalog(p), None)
                             for p, f in manifest["files"]["catalog"].items()], progress=False)
+                n_items = sum(manifest["items"].values())
+                t_cat = time.monotonic()
+                while _delta(cache.stats(), base).get("catalog_items", 0) < n_items:
+                    if time.monotonic() - t_cat > 180 or not w.alive():
+                        raise StackError(f"the catalog was not stored in time:\n{w.log_tail()}")
+                    time.sleep(0.2)
+                enc = _delta(cache.stats(), base).get("catalog_encoded", 0)
+                say(f"catalog: {n_items:,} items stored, {enc:,} encoded into vectors in "
+                    f"{time.monotonic() - t_cat:.1f}s")
                 sources = [Source(sim / f, topics.events(p), platforms[p])
                            for p, f in manifest["files"]["events"].items()]
                 sources.append(Source(sim / manifest["files"]["ingest"], topics.ingest, None))
@@ -226,7 +235,8 @@ def run_dev(settings: Settings, o: DevOptions) -> int:
                     st.get("duplicates_event", 0)
                 snap = collector.snapshot()
                 if (done >= manifest["valid_events"] and snap["deadlettered"] >= expect_dl
-                        and snap["recommendations"] >= st.get("recommendations", 0)):
+                        and snap["recommendations"] >= st.get("recommendations", 0)
+                        and st.get("catalog_items", 0) >= n_items):
                     drained = True
                     break
                 if not w.alive():
@@ -251,12 +261,15 @@ def run_dev(settings: Settings, o: DevOptions) -> int:
                 "duplicates": st.get("duplicates_offset", 0) + st.get("duplicates_event", 0),
                 "latency_ms_p50": snap["latency_ms_p50"],
                 "latency_ms_p99": snap["latency_ms_p99"],
+                "catalog_items": st.get("catalog_items", 0),
+                "items_encoded": st.get("catalog_encoded", 0),
                 "replay_rate": o.rate,
                 "replay_s": round(replay_s, 1),
                 "elapsed_s": round(time.monotonic() - t_start, 1),
                 "drained": drained,
             }
             _report(say, summary, collector, cache)
+            _similar_example(say, settings, redis_url, cache)
             if not o.once:
                 say("\nThe stack stays up. In another shell:\n"
                     f"  export KAFKA_BOOTSTRAP_SERVERS={bootstrap} REDIS_URL={redis_url}"
@@ -279,6 +292,29 @@ def run_dev(settings: Settings, o: DevOptions) -> int:
             for svc in reversed(started):
                 with contextlib.suppress(Exception):
                     svc.stop()
+
+
+def _similar_example(say, settings: Settings, redis_url: str, cache: Any) -> None:  # type: ignore[no-untyped-def]
+    """Show the shared semantic space: one item's nearest items on the other platforms."""
+    cfg = settings.encoder_config(threads=0)
+    if cfg is None:
+        return
+    try:
+        from models.encoder import load_encoder
+        from streams.vectors import load_index_sync
+
+        enc = load_encoder(cfg)
+        src = load_index_sync(redis_url, settings.redis_prefix, enc.id, "video", enc.dim)
+        q = src.vector("vid-00000")
+        if q is None:
+            return
+        say(f"\nitem vectors ({enc.id}): nearest to video “{cache.title('video', 'vid-00000')}”")
+        for p in ("music", "shop"):
+            idx = load_index_sync(redis_url, settings.redis_prefix, enc.id, p, enc.dim)
+            hits = idx.search(q, 3)
+            say(f"  {p:<6} " + "; ".join(f"{cache.title(p, i) or i} ({sc:.2f})" for i, sc in hits))
+    except Exception as exc:  # noqa: BLE001 - a demo line must not fail the run
+        say(f"(no similarity example: {exc})")
 
 
 def _delta(now: dict[str, int], base: dict[str, int]) -> dict[str, int]:
