@@ -82,3 +82,22 @@ def test_catalog_to_similar(stack, ns, worker_factory, tmp_path):
         assert sum(theme(h["item"]) == cooking for h in top if h["item"][4:].isdigit()) >= 3, top
     out = CliRunner().invoke(cli, ["similar", "--item", "nope", "--platform", "shop"], env=env)
     assert out.exit_code == 2 and "no vector" in out.output
+
+    # a catalog update re-encodes only the item whose text changed
+    rb = redis_sync.Redis.from_url(stack.redis_url)
+    vkey = next(k for k in rb.scan_iter(f"{ns}:vec:*:shop".encode()))
+    before = rb.hget(vkey, "sku-00000")
+    same = json.loads((tmp_path / "shop.catalog.jsonl").read_text().splitlines()[0])
+    produce(stack.bootstrap, t.catalog("shop"), [
+        json.dumps(same).encode(),
+        json.dumps({**same, "sku": "sku-00001", "title": "Ultralight titanium camping stove"})
+        .encode()])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        st2 = {k: int(v) for k, v in r.hgetall(f"{ns}:stats").items()}
+        if st2["catalog_items"] >= total + 2:
+            break
+        time.sleep(0.2)
+    assert st2["catalog_encoded"] == st["catalog_encoded"] + 1
+    assert rb.hget(vkey, "sku-00000") == before
+    assert "camping stove" in r.hget(f"{ns}:item:shop:sku-00001", "text")
