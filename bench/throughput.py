@@ -46,6 +46,8 @@ from xrec.stack import (  # noqa: E402
     wait_worker_ready,
 )
 
+LINGER_MS = 10
+
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
@@ -55,7 +57,7 @@ def bare_rate(bootstrap: str, files: list[Path], n: int, wd: Path) -> float:
     from kafka import KafkaConsumer, TopicPartition
 
     create_topics(bootstrap, ["bench.in", "bench.out"], 4)
-    rep = Replayer(bootstrap)
+    rep = Replayer(bootstrap, linger_ms=LINGER_MS)
     sent = 0
     for f in files:
         for raw in read_records(f):
@@ -129,8 +131,16 @@ def main() -> None:
     ap.add_argument("--latency-events", type=int, default=6000,
                     help="events for the latency phase (30 s at 200/s)")
     ap.add_argument("--rate", type=float, default=200.0, help="offered rate for latency")
+    ap.add_argument("--linger-ms", type=int, default=None,
+                    help="producer linger for every producer here (bare agent, xrec worker, "
+                         "replay); default: xrec's XREC_PRODUCER_LINGER_MS")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
+    if a.linger_ms is None:
+        a.linger_ms = Settings().producer_linger_ms
+    os.environ["XREC_PRODUCER_LINGER_MS"] = str(a.linger_ms)  # inherited by the workers
+    global LINGER_MS
+    LINGER_MS = a.linger_ms
 
     wd = Path(tempfile.mkdtemp(prefix="xrec-bench-"))
     man = simulate(SimConfig(events=a.events, seed=1), wd / "sim")
@@ -147,7 +157,7 @@ def main() -> None:
     log(f"(b) xrec loop over {a.events:,} events ...")
     st = Stack(wd / "b")
     try:
-        rep = Replayer(st.tansu.url)
+        rep = Replayer(st.tansu.url, linger_ms=LINGER_MS)
         rep.replay(st.sources(wd / "sim", man), progress=False)
         rep.close()
         st.worker()
@@ -179,7 +189,7 @@ def main() -> None:
         col = Collector(st.tansu.url, [st.topics.recs(p) for p in st.platforms],
                         st.topics.deadletter, from_beginning=True)
         col.start()
-        rep = Replayer(st.tansu.url)
+        rep = Replayer(st.tansu.url, linger_ms=LINGER_MS)
         rep.replay(st.sources(wd / "sim2", man2), rate=a.rate, progress=False)
         rep.close()
         cache = RecsCache(st.redis.url)
@@ -199,9 +209,10 @@ def main() -> None:
     out = {"bare_events_per_s": round(bare, 1), "xrec_events_per_s": round(xrec, 1),
            "ratio": round(xrec / bare, 3), "latency_ms_p50": round(p50, 1),
            "latency_ms_p99": round(p99, 1), "offered_rate": a.rate, "events": a.events,
-           "latency_events": a.latency_events, "cpus": os.cpu_count()}
+           "latency_events": a.latency_events, "linger_ms": a.linger_ms,
+           "cpus": os.cpu_count()}
     print(f"bare {bare:,.0f} ev/s | xrec {xrec:,.0f} ev/s | ratio {out['ratio']:.2f} | "
-          f"p50 {p50:.1f} ms p99 {p99:.1f} ms at {a.rate:.0f} ev/s")
+          f"p50 {p50:.1f} ms p99 {p99:.1f} ms at {a.rate:.0f} ev/s | linger {a.linger_ms} ms")
     if a.json:
         print(json.dumps(out))
 

@@ -14,7 +14,6 @@ model is configured. Ties are broken by item id, so rankings are deterministic.
 
 from __future__ import annotations
 
-import heapq
 import math
 from collections.abc import Callable, Mapping, Sequence
 
@@ -44,9 +43,11 @@ def popco_scores(
     when the caller reuses it. Cost is O(|neighbours| + limit), not O(catalog).
     """
     co: dict[str, float] = {}
+    get_co = co.get
     for rank, lst in enumerate(neighbours, start=1):
+        inv = 1.0 / rank
         for item, s in lst:
-            co[item] = co.get(item, 0.0) + s / rank
+            co[item] = get_co(item, 0.0) + s * inv
     pop_max = popular[0][1] if popular else 0.0
     co_max = max(co.values(), default=0.0)
     if co_max <= 0:
@@ -54,22 +55,23 @@ def popco_scores(
     else:
         w_co, w_pop = blend, 1.0 - blend
     f_pop = w_pop / pop_max if pop_max > 0 else 0.0
+    # (-score, item): a plain tuple sort gives best first, ties by item id, all in C
     scored: list[tuple[float, str]] = []
     if co:
         pop = pop_lookup if pop_lookup is not None else dict(popular)
         f_co = w_co / co_max
         get = pop.get
-        scored = [(f_co * c + f_pop * get(item, 0.0), item) for item, c in co.items()]
+        scored = [(-(f_co * c + f_pop * get(item, 0.0)), item) for item, c in co.items()]
     taken = 0
     for item, s in popular:
         if taken >= limit:
             break
         if item in co:
             continue
-        scored.append((f_pop * s, item))
+        scored.append((-f_pop * s, item))
         taken += 1
-    best = heapq.nsmallest(limit, scored, key=lambda t: (-t[0], t[1]))
-    return [(item, round(s, 6)) for s, item in best]
+    scored.sort()
+    return [(item, round(-ns, 6)) for ns, item in scored[:limit]]
 
 
 def popco_rank(

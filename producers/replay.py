@@ -58,7 +58,7 @@ class Progress:
 
 
 class Replayer:
-    def __init__(self, bootstrap: str, linger_ms: int = 5) -> None:
+    def __init__(self, bootstrap: str, linger_ms: int = 10) -> None:
         from kafka import KafkaProducer
 
         try:
