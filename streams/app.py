@@ -283,13 +283,14 @@ def create_app(settings: Settings, platforms: PlatformRegistry | None = None,
     async def _rebalanced(sender: Any, **_kw: Any) -> None:
         await _announce(ready=True)
 
+    worker_info: dict[str, Any] = {"ready": False}
+
     async def _announce(**info: Any) -> None:
-        key = state.k("workers")
+        """Publish this worker's state (a local snapshot: no read-modify-write races)."""
+        worker_info.update(info, agents=sorted(wanted), at=time.time(),
+                           host=socket.gethostname())
         try:
-            old = json.loads(await redis.hget(key, worker_id) or "{}")
-            old.update(info, agents=sorted(wanted), at=time.time(),
-                       host=socket.gethostname())
-            await redis.hset(key, worker_id, json.dumps(old))
+            await redis.hset(state.k("workers"), worker_id, json.dumps(worker_info))
         except Exception as exc:  # noqa: BLE001
             log.warning("could not announce worker state: %s", exc)
 
