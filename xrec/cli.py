@@ -60,6 +60,8 @@ def cli() -> None:
       xrec replay FILE --platform P    replay an event log (JSONL / CSV, .gz ok)
       xrec tail PLATFORM               follow published recommendations
       xrec recs USER_KEY --platform P  read a user's cached recommendations
+      xrec similar --text "space opera" --to music
+                                       nearest items in the shared semantic space
     """
 
 
