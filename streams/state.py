@@ -206,6 +206,8 @@ class RedisState:
             if len(self._co_cache) > _CO_CACHE_MAX:
                 cutoff = now - _CACHE_TTL_S
                 self._co_cache = {k: v for k, v in self._co_cache.items() if v[0] >= cutoff}
+                if len(self._co_cache) > _CO_CACHE_MAX // 2:  # all fresh: start over, or
+                    self._co_cache = {}  # every batch would pay this O(n) sweep again
         return out
 
     async def _recommend_once(self, touched: dict[tuple[str, str], Touched]

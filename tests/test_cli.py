@@ -141,3 +141,29 @@ def test_recs_derives_keys_from_raw_ids_locally(stack, ns):
     assert json.loads(out)["items"][0]["item"] == "vid-b"
     res = CliRunner().invoke(cli, ["recs", "nobody", "--platform", "video"], env=env)
     assert res.exit_code == 1 and "no cached recommendations" in res.output
+
+
+def test_tail_prints_recommendations_and_dead_letters(stack, ns):
+    from streams.records import DeadLetter, RecItem, Recommendations
+    from tests.kafka_util import produce
+
+    s = make_settings(stack, ns)
+    create_all_topics(s)
+    env = settings_env(s)
+    recs = [Recommendations(user=u * 32, platform="video", items=[RecItem(item="vid-1",
+                            score=0.5)], scorer="popco-1", event_time=1.0, produced_at=1.0,
+                            published_at=1.05, events=1) for u in "ab"]
+    produce(stack.bootstrap, f"{ns}.recs.video", [r.model_dump_json().encode() for r in recs])
+    dl = DeadLetter(src_topic="x", src_partition=0, src_offset=7, platform="video", code="schema",
+                    message="duration: Input should be greater than 0", excerpt="{}", size=2,
+                    at=1.0)
+    produce(stack.bootstrap, f"{ns}.deadletter", [dl.model_dump_json().encode()])
+    out = invoke(["tail", "video", "--from-beginning", "--json", "--user", "b" * 32,
+                  "--idle-exit", "3"], env=env).output
+    lines = [json.loads(x) for x in out.splitlines()]
+    assert [x["user"] for x in lines] == ["b" * 32]
+    env.pop("REDIS_URL")
+    out = invoke(["tail", "video", "--from-beginning", "--limit", "2"], env=env).output
+    assert out.count("vid-1") == 2 and "50 ms" in out
+    out = invoke(["tail", "deadletter", "--from-beginning", "--limit", "1"], env=env).output
+    assert "schema" in out and "x[0]@7" in out
