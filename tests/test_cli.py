@@ -167,3 +167,43 @@ def test_tail_prints_recommendations_and_dead_letters(stack, ns):
     assert out.count("vid-1") == 2 and "50 ms" in out
     out = invoke(["tail", "deadletter", "--from-beginning", "--limit", "1"], env=env).output
     assert "schema" in out and "x[0]@7" in out
+
+
+def test_dev_stays_up_then_stops_everything_on_ctrl_c(tmp_path):
+    """`xrec dev` without --once keeps the stack up; SIGINT (Ctrl-C) stops all it started,
+    even when a shell started it in the background with SIGINT ignored."""
+    import signal
+    import time
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("KAFKA_BOOTSTRAP_SERVERS", "REDIS_URL") and not k.startswith("XREC_")}
+    out = tmp_path / "out.txt"
+    with open(out, "wb") as fh:
+        p = subprocess.Popen([sys.executable, "-m", "xrec", "dev", "--events", "600", "--rate",
+                              "0", "--workdir", str(tmp_path / "wd")], env=env, stdout=fh,
+                             stderr=subprocess.STDOUT, cwd=ROOT,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+        pids: list[int] = []
+        try:
+            deadline = time.monotonic() + 180
+            while b"stays up" not in out.read_bytes():
+                assert p.poll() is None, out.read_text()[-2000:]
+                assert time.monotonic() < deadline, out.read_text()[-2000:]
+                time.sleep(0.5)
+            text = out.read_text()
+            assert "export KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:" in text
+            pids = [int(x) for x in re.findall(r"pid (\d+)", text)]
+            assert len(pids) == 3
+            p.send_signal(signal.SIGINT)
+            assert p.wait(60) == 130
+        finally:
+            if p.poll() is None:  # the test failed: clean up by PID anyway
+                p.kill()
+                for pid in pids or [int(x) for x in re.findall(r"pid (\d+)", out.read_text())]:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}") or \
+            open(f"/proc/{pid}/stat").read().split()[2] == "Z", f"pid {pid} still running"

@@ -212,13 +212,17 @@ def wait_worker_ready(redis_url: str, prefix: str, worker: Service, timeout: flo
 
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt so `finally:` blocks stop what we started."""
+    """Turn SIGTERM and SIGINT into KeyboardInterrupt so `finally:` blocks stop what we
+    started. SIGINT is set explicitly: a shell starting us in the background (`cmd &`)
+    leaves it ignored, and Python then installs no handler of its own."""
 
     def _raise(_sig: int, _frm: object) -> None:
         raise KeyboardInterrupt
 
-    old = signal.signal(signal.SIGTERM, _raise)
+    old_term = signal.signal(signal.SIGTERM, _raise)
+    old_int = signal.signal(signal.SIGINT, _raise)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, old_int)
