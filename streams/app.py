@@ -177,11 +177,13 @@ def create_app(settings: Settings, platforms: PlatformRegistry | None = None,
                 result = await state.apply(batch)
                 recs = await state.recommend(result.touched)
                 published_at = time.time()
+                payloads = []
                 for rec in recs:
                     rec.__dict__["published_at"] = published_at  # frozen model, fresh stamp
-                    await publish(recs_topic[rec.platform], rec.user.encode(),
-                                  rec.model_dump_json().encode())
-                await state.cache(recs)
+                    payload = rec.model_dump_json()  # once: the topic and the cache share it
+                    payloads.append((rec, payload))
+                    await publish(recs_topic[rec.platform], rec.user.encode(), payload.encode())
+                await state.cache(payloads)
                 batch_stats["batches"] += 1
                 batch_stats["events"] += len(events)
                 batch_stats["ms"] += (time.perf_counter() - t_batch) * 1000

@@ -256,26 +256,21 @@ class RedisState:
         return {pair: [i - 1 for i in (idx or [])] if isinstance(idx, list) else []
                 for pair, idx in zip(pairs, res, strict=True)}
 
-    async def cache(self, recs: Iterable[Recommendations]) -> None:
-        recs = list(recs)
+    async def cache(self, recs: Sequence[tuple[Recommendations, str]]) -> None:
+        """Cache each user's latest recommendations: (record, its JSON as published)."""
         if not recs:
             return
 
         async def _do() -> None:
             pipe = self.r.pipeline(transaction=False)
-            for rec in recs:
-                pipe.set(self.k("recs", rec.platform, rec.user), rec.model_dump_json(),
-                         ex=self.s.recs_ttl_s)
+            for rec, payload in recs:
+                pipe.set(self.k("recs", rec.platform, rec.user), payload, ex=self.s.recs_ttl_s)
             pipe.hincrby(self.k("stats"), "recommendations", len(recs))
             await pipe.execute()
 
         await self._retry("cache", _do)
 
     # ------------------------------------------------------------------ reads
-    async def cached_recs(self, platform: str, user: str) -> Recommendations | None:
-        raw = await self.r.get(self.k("recs", platform, user))
-        return Recommendations.model_validate_json(raw) if raw else None
-
     async def stats(self) -> dict[str, int]:
         raw = await self.r.hgetall(self.k("stats"))
         return {k: int(v) for k, v in raw.items()}

@@ -3,9 +3,7 @@ stopped by PID), unique topic / key prefixes per test, worker subprocesses stopp
 
 from __future__ import annotations
 
-import json
 import os
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -15,7 +13,14 @@ import pytest
 
 from streams.settings import Settings
 from streams.topics import Topics
-from xrec.stack import Service, create_topics, start_redis, start_tansu, start_worker
+from xrec.stack import (
+    Service,
+    create_topics,
+    start_redis,
+    start_tansu,
+    start_worker,
+    wait_worker_ready,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data"
@@ -82,21 +87,24 @@ def create_all_topics(s: Settings) -> None:
     create_topics(s.kafka_bootstrap_servers or "", plan, plan)
 
 
-def wait_ready(s: Settings, worker: Service, timeout: float = 60) -> None:
+def redis_dump(url: str, prefix: str, skip=lambda rest: False) -> dict:  # type: ignore[no-untyped-def]
+    """Every key under ``prefix`` with its value, for before/after state comparisons;
+    ``skip(rest of key)`` leaves out keys that legitimately change."""
     import redis
 
-    r = redis.Redis.from_url(s.redis_url or "", decode_responses=True)
-    deadline = time.monotonic() + timeout
+    r = redis.Redis.from_url(url, decode_responses=True)
+    out = {}
     try:
-        while time.monotonic() < deadline:
-            assert worker.alive(), worker.log_tail(50)
-            raw = r.hget(f"{s.redis_prefix}workers", str(worker.pid))
-            if raw and json.loads(raw).get("ready"):
-                return
-            time.sleep(0.1)
+        for k in sorted(r.scan_iter(f"{prefix}*")):
+            if skip(k[len(prefix):]):
+                continue
+            t = r.type(k)
+            out[k] = (r.lrange(k, 0, -1) if t == "list" else r.zrange(k, 0, -1, withscores=True)
+                      if t == "zset" else sorted(r.smembers(k)) if t == "set" else r.hgetall(k)
+                      if t == "hash" else r.get(k))
     finally:
         r.close()
-    raise AssertionError(f"worker not ready:\n{worker.log_tail(50)}")
+    return out
 
 
 @pytest.fixture
@@ -106,7 +114,7 @@ def worker_factory(stack: Stack, tmp_path: Path) -> Iterator:
     def start(s: Settings, name: str = "worker", agents: str = "all") -> Service:
         w = start_worker(tmp_path, settings_env(s), agents=agents, name=name)
         started.append(w)
-        wait_ready(s, w)
+        wait_worker_ready(s.redis_url or "", s.redis_prefix, w)
         return w
 
     yield start

@@ -19,7 +19,7 @@ from producers.simulate import SimConfig, simulate
 from streams.platforms import load_platforms
 from streams.records import DeadLetter, Interaction, Recommendations
 from streams.topics import Topics
-from tests.conftest import create_all_topics, make_settings
+from tests.conftest import create_all_topics, make_settings, redis_dump
 from tests.kafka_util import produce, read_all
 
 pytestmark = pytest.mark.integration
@@ -37,18 +37,8 @@ def wait_for(cond, timeout=90.0, what="condition"):
 
 def state_dump(url: str, prefix: str) -> dict:
     """Everything under the prefix except what legitimately changes on a re-run."""
-    r = redis_sync.Redis.from_url(url, decode_responses=True)
-    out = {}
-    for k in sorted(r.scan_iter(f"{prefix}*")):
-        rest = k[len(prefix):]
-        if rest in ("stats", "workers") or rest.startswith(("recs:", "vec:", "vecver:")):
-            continue
-        t = r.type(k)
-        out[k] = (r.lrange(k, 0, -1) if t == "list" else r.zrange(k, 0, -1, withscores=True)
-                  if t == "zset" else sorted(r.smembers(k)) if t == "set" else r.hgetall(k)
-                  if t == "hash" else r.get(k))
-    r.close()
-    return out
+    return redis_dump(url, prefix, skip=lambda rest: rest in ("stats", "workers")
+                      or rest.startswith(("recs:", "vec:", "vecver:")))
 
 
 @pytest.fixture(scope="module")

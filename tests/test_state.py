@@ -7,7 +7,7 @@ import redis as redis_sync
 
 from streams.records import Interaction
 from streams.state import RedisState, redis_from_url
-from tests.conftest import make_settings
+from tests.conftest import make_settings, redis_dump
 
 T0 = 1_750_000_000.0
 
@@ -22,17 +22,8 @@ def ev(user, item, off, *, platform="video", label=1, weight=1.0, t=None, eid=No
 
 
 def dump(url, prefix):
-    r = redis_sync.Redis.from_url(url, decode_responses=True)
-    out = {}
-    for k in sorted(r.scan_iter(f"{prefix}*")):
-        if k == f"{prefix}:stats":
-            continue  # global counters count duplicates on purpose
-        t = r.type(k)
-        out[k] = (r.lrange(k, 0, -1) if t == "list" else r.zrange(k, 0, -1, withscores=True)
-                  if t == "zset" else sorted(r.smembers(k)) if t == "set" else r.hgetall(k)
-                  if t == "hash" else r.get(k))
-    r.close()
-    return out
+    # the global counters count duplicates on purpose
+    return redis_dump(url, prefix, skip=lambda rest: rest == ":stats")
 
 
 @pytest.fixture
