@@ -31,6 +31,13 @@ class RecsCache:
     def stats(self) -> dict[str, int]:
         return {k: int(v) for k, v in self.r.hgetall(f"{self.p}stats").items()}
 
+    def head_swaps(self, n: int = 1000) -> list[dict]:  # type: ignore[type-arg]
+        """Recent head-version swaps by recommenders, newest first."""
+        return [json.loads(x) for x in self.r.lrange(f"{self.p}heads:swaps", 0, n - 1)]
+
+    def head_version(self) -> int:
+        return int(self.r.get(f"{self.p}heads:version") or 0)
+
     def users(self) -> int:
         return int(self.r.scard(f"{self.p}users"))
 

@@ -7,6 +7,14 @@ Agents (all in one worker by default; ``XREC_AGENTS`` / ``xrec worker --agents``
 * ``recommend``: ``xrec.events.unified`` in micro-batches (``stream.take_events``) →
   idempotent state update in Redis → score → ``xrec.recs.<platform>`` + Redis cache.
 * ``catalog``: ``xrec.catalog.<platform>`` → item metadata and text in Redis.
+* ``train``: ``xrec.train.examples`` in micro-batches → optimizer steps on the heads →
+  weights to Redis, ``HeadVersion`` → ``xrec.models.heads``; recommenders hot-swap.
+
+With the learned model on (``XREC_MODEL_ENABLED``, needs the encoder), the recommend agent
+also ranks each positive with the served head version *before* applying it (prequential
+quality → ``xrec.metrics.quality``), ranks with the model (popularity ⊕ co-occurrence until a
+first head version exists), refreshes the user's recommendations on every platform they
+are active on, and emits a ``TrainingExample`` per applied positive.
 
 Delivery is at-least-once (Tansu supports no transactions); state effects are
 exactly-once through the offset watermarks described in :mod:`streams.state`.
@@ -30,9 +38,10 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from pydantic import ValidationError
 
 from streams.catalog import parse_catalog_record
+from streams.heads import ModelServer, TrainerService, examples_from
 from streams.normalize import Normalizer
 from streams.platforms import PlatformRegistry, load_platforms
-from streams.records import CatalogItem, DeadLetter, Interaction
+from streams.records import CatalogItem, DeadLetter, Interaction, TrainingExample
 from streams.settings import Settings
 from streams.state import RedisState, redis_from_url
 from streams.topics import Topics
@@ -41,7 +50,7 @@ from streams.vectors import VectorStore, usable_text
 __all__ = ["create_app", "base_app", "AGENTS"]
 
 log = logging.getLogger("xrec.worker")
-AGENTS = ("normalize", "recommend", "catalog")
+AGENTS = ("normalize", "recommend", "catalog", "train")
 
 
 def _patch_fetch_wait() -> None:
@@ -174,8 +183,17 @@ def create_app(settings: Settings, platforms: PlatformRegistry | None = None,
                 t_batch = time.perf_counter()
                 now = time.time()
                 batch_stats["lag_ms"].extend((now - ev.produced_at) * 1000 for _, ev in batch)
-                result = await state.apply(batch)
-                recs = await state.recommend(result.touched)
+                result = await state.apply(batch, history=settings.hist_len if use_model else 0)
+                if server is not None and server.ready:
+                    server.evaluate(result.applied_events,
+                                    {k: t.seen_before for k, t in result.touched.items()})
+                    recs = await state.recommend_model(server, result)
+                else:
+                    recs = await state.recommend(result.touched)
+                if use_model:
+                    for ex in examples_from(result.applied_events, time.time()):
+                        await publish(topics.train_examples, ex.user.encode(),
+                                      ex.model_dump_json().encode())
                 published_at = time.time()
                 payloads = []
                 for rec in recs:
@@ -191,7 +209,7 @@ def create_app(settings: Settings, platforms: PlatformRegistry | None = None,
     vectors: VectorStore | None = None
     encoder = None
     enc_cfg = settings.encoder_config()
-    if enc_cfg is not None and ("catalog" in wanted or "recommend" in wanted):
+    if enc_cfg is not None and wanted & {"catalog", "recommend", "train"}:
         from models.encoder import load_encoder
 
         encoder = load_encoder(enc_cfg)  # exports/quantizes once, then cached on disk
@@ -200,6 +218,58 @@ def create_app(settings: Settings, platforms: PlatformRegistry | None = None,
         log.info("item encoder %s on %s", encoder.id, encoder.device)
     app.xrec_vectors = vectors  # type: ignore[attr-defined]
     encode_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xrec-encode")
+
+    use_model = settings.model_enabled and vectors is not None
+    server: ModelServer | None = None
+    if use_model and "recommend" in wanted:
+        assert vectors is not None
+        server = ModelServer(settings, vectors, worker=str(os.getpid()))
+        app.xrec_server = server  # type: ignore[attr-defined]
+
+        @app.timer(settings.head_poll_s)
+        async def swap_heads() -> None:
+            try:
+                await server.poll()
+            except Exception as exc:  # noqa: BLE001 - retried at the next tick
+                log.warning("head version check failed: %s", exc)
+
+        @app.timer(settings.quality_window_s)
+        async def quality() -> None:
+            for w in server.quality_windows():
+                await publish(topics.quality, w.platform.encode(), w.model_dump_json().encode())
+
+    if use_model and "train" in wanted:
+        assert vectors is not None
+        trainer = TrainerService(settings, vectors, list(platforms))
+        train_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xrec-train")
+        train_topic = app.topic(topics.train_examples, **raw)
+
+        @app.agent(train_topic, name="xrec.train")
+        async def train(stream: Any) -> None:
+            loop = asyncio.get_running_loop()
+            if trainer.model is None:
+                await state._retry("trainer start", trainer.start)
+            async for events in stream.take_events(settings.train_batch_max,
+                                                   settings.train_batch_within_s):
+                arrived = time.time()
+                recs = []
+                for ev in events:
+                    try:
+                        recs.append(TrainingExample.model_validate_json(ev.value))
+                    except ValidationError as exc:
+                        log.warning("bad training example skipped: %s", str(exc)[:200])
+                if not recs:
+                    continue
+                steps = await loop.run_in_executor(train_pool, trainer.learn, recs)
+                if not steps:
+                    continue
+                blob = await loop.run_in_executor(train_pool, trainer.blob)
+                newest = max(r.produced_at for r in recs)
+                meta = {"batch_arrived_at": arrived, "newest_produced_at": newest}
+                version = await state._retry("head publish", lambda blob=blob, meta=meta:
+                                             trainer.reg.publish(blob, meta))
+                rec = trainer.record(version, len(recs), arrived, newest, len(blob))
+                await publish(topics.heads, None, rec.model_dump_json().encode())
 
     if "catalog" in wanted:
         cat_by_topic = {topics.catalog(p): p for p in platforms}

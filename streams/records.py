@@ -10,7 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["Interaction", "RecItem", "Recommendations", "DeadLetter", "CatalogItem"]
+__all__ = ["Interaction", "RecItem", "Recommendations", "DeadLetter", "CatalogItem",
+           "TrainingExample", "HeadVersion", "QualityWindow"]
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
@@ -80,3 +81,58 @@ class CatalogItem(BaseModel):
     item: str
     text: str
     fields: dict[str, str | float | int | bool | None]
+
+
+class TrainingExample(BaseModel):
+    """Published on ``xrec.train.examples`` (key: user) by the recommend agent, one per applied
+    positive interaction: the user's cross-platform history *before* it, newest first."""
+
+    model_config = _FROZEN
+
+    user: str
+    platform: str
+    item: str
+    weight: float
+    event_time: float
+    history: list[tuple[str, str, int, float]] = Field(
+        description="(platform, item, label, event time), newest first")
+    produced_at: float = Field(description="when the interaction entered the broker")
+    emitted_at: float
+
+
+class HeadVersion(BaseModel):
+    """Published on ``xrec.models.heads`` after the weights are in Redis (``heads:blob``)."""
+
+    model_config = _FROZEN
+
+    version: int = Field(description="monotonic; recommenders load a version only once")
+    platforms: list[str]
+    examples: int = Field(description="examples in the batch that produced this version")
+    trained_examples: int = Field(description="examples learned since the model started")
+    steps: int
+    skipped_nonfinite: int
+    loss: float | None
+    step_ms: float
+    device: str
+    bytes: int
+    batch_arrived_at: float = Field(description="when the train agent took the batch")
+    newest_produced_at: float = Field(description="produce time of the batch's newest event")
+    published_at: float
+
+
+class QualityWindow(BaseModel):
+    """Published on ``xrec.metrics.quality``: prequential quality of the served model over a
+    window (each positive ranked before the model saw it, against unseen catalog items)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    platform: str = Field(description="a platform, or 'all'")
+    cohort: Literal["all", "coldstart"]
+    scorer: str
+    window_s: float
+    n: int
+    recall_at_10: float | None
+    recall_at_20: float | None
+    ndcg_at_10: float | None
+    mrr: float | None
+    at: float

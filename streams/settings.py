@@ -86,6 +86,22 @@ class Settings(BaseSettings):
     encoder_device: str = Field("auto", description="auto | cpu | cuda")
     encoder_cache_dir: str = Field("", description="exported ONNX files; '' = ~/.cache/xrec/onnx")
 
+    # --- learned model (models/heads.py, streams/heads.py) ------------------------------
+    model_enabled: bool = Field(True, description="serve + train the learned heads (needs the "
+                                "encoder); off = decayed popularity ⊕ co-occurrence only")
+    hist_len: int = Field(50, ge=1, le=500, description="cross-platform history the model reads")
+    model_dim: int = Field(64, ge=8, le=1024)
+    model_buckets: int = Field(1 << 14, ge=64, description="hashed item-id rows per platform")
+    model_seed: int = 0
+    train_lr: float = Field(3e-3, gt=0)
+    train_steps: int = Field(2, ge=1, le=64, description="optimizer steps per train batch")
+    train_batch_max: int = Field(512, ge=1)
+    train_batch_within_s: float = Field(0.2, gt=0)
+    train_device: str = Field("auto", description="auto | cpu | cuda (training and serving)")
+    head_poll_s: float = Field(0.25, gt=0, description="how often recommenders look for a new "
+                               "head version")
+    quality_window_s: float = Field(10.0, gt=0, description="xrec.metrics.quality period")
+
     # --- worker ---------------------------------------------------------------------
     agents: str = Field("all", description="comma list of agents this worker runs, or 'all'")
     web_port: int = Field(0, ge=0, le=65535, description="0 = worker web server off")

@@ -29,6 +29,8 @@ user keys only::
     u:<user>:<platform>:recent      list  newest first, JSON [item, label, weight, time, kind]
     u:<user>:<platform>:seen        zset  item → last event time (consumed items, capped)
     u:<user>:eids                   zset  event id → event time (dedup, capped)
+    u:<user>:hist                   list  newest first, JSON [platform, item, label, time]:
+                                          the cross-platform history the model reads
     u:<user>:stats                  hash  "<platform>:events|pos|neg", "<platform>:last"
     users                           set   user keys
     pop:<platform>                  zset  item → Σ weight·2^((t-anchor)/half-life)
@@ -48,6 +50,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -82,6 +85,11 @@ class Touched:
     produced_at: float = math.inf  # oldest produce time covered
     event_time: float = 0.0  # newest event time covered
     recent_pos: list[str] = field(default_factory=list)  # after the batch, newest first
+    seen_before: list[str] = field(default_factory=list)  # items had before the batch
+
+
+#: one history entry: (platform, item, label, event time)
+HistEntry = tuple[str, str, int, float]
 
 
 @dataclass
@@ -90,6 +98,10 @@ class ApplyResult:
     dup_offset: int = 0
     dup_event: int = 0
     touched: dict[tuple[str, str], Touched] = field(default_factory=dict)
+    #: (with history) each applied interaction with the user's history before it
+    applied_events: list[tuple[Interaction, list[HistEntry]]] = field(default_factory=list)
+    #: (with history) each touched user's history after the batch, newest first
+    history: dict[str, list[HistEntry]] = field(default_factory=dict)
 
 
 class RedisState:
@@ -133,7 +145,8 @@ class RedisState:
             pass
 
     # ------------------------------------------------------------------ apply
-    async def apply(self, batch: Sequence[tuple[int, Interaction]]) -> ApplyResult:
+    async def apply(self, batch: Sequence[tuple[int, Interaction]], history: int = 0
+                    ) -> ApplyResult:
         """Apply a micro-batch of (unified partition, interaction), exactly once in effect.
 
         One Lua script does the watermark checks and every state update, so the watermark
@@ -156,7 +169,8 @@ class RedisState:
             "p": self.p, "wm": self.wm_key(0)[:-1], "ev": rows,
             "cfg": {"win": s.cooc_window, "recent": s.recent_len, "seen": s.seen_len,
                     "eids": s.eid_keep, "cokeep": s.cooc_keep,
-                    "hl": s.popularity_half_life_s, "rebase": _REBASE_EXPONENT},
+                    "hl": s.popularity_half_life_s, "rebase": _REBASE_EXPONENT,
+                    "hist": history},
         }, separators=(",", ":"))
         res = json.loads(await self._retry("apply", lambda: self._apply_script(args=[req])))
         out.applied, out.dup_offset, out.dup_event = res["a"], res["o"], res["e"]
@@ -164,13 +178,73 @@ class RedisState:
         for (u, p), t in out.touched.items():
             rp = recent.get(f"{u}\t{p}") or []
             t.recent_pos = rp if isinstance(rp, list) else []
+        if history:
+            _histories(out, batch, res, history)
         return out
+
+    async def history(self, users: Iterable[str], n: int) -> dict[str, list[HistEntry]]:
+        users = list(users)
+        rd = self.r.pipeline(transaction=False)
+        for u in users:
+            rd.lrange(self.k("u", u, "hist"), 0, n - 1)
+        res = await rd.execute()
+        return {u: [_entry(x) for x in lst] for u, lst in zip(users, res, strict=True)}
 
     # -------------------------------------------------------------- recommend
     async def recommend(self, touched: dict[tuple[str, str], Touched]) -> list[Recommendations]:
         if not touched:
             return []
         return await self._retry("recommend", lambda: self._recommend_once(touched))
+
+    async def recommend_model(self, server: Any, result: ApplyResult) -> list[Recommendations]:
+        """Rank with the served head version, for the batch's (user, platform) pairs and for
+        every other platform those users are active on (cross-platform refresh)."""
+        if not result.touched:
+            return []
+        pairs: dict[tuple[str, str], Touched] = dict(result.touched)
+        newest: dict[str, Touched] = {}
+        for (u, _), t in result.touched.items():
+            if u not in newest or t.event_time > newest[u].event_time:
+                newest[u] = t
+        for u, hist in result.history.items():
+            base = newest.get(u)
+            if base is None:
+                continue
+            for p, _, _, _ in hist:
+                if (u, p) not in pairs:
+                    pairs[(u, p)] = Touched(events=0, produced_at=base.produced_at,
+                                            event_time=base.event_time)
+        order = list(pairs)
+        limit = 3 * self.s.rec_k
+        reqs = [(result.history.get(u, []), p, newest[u].event_time) for u, p in order]
+        ranked_list = server.rank(reqs, limit)
+        ranked = {pair: lst for pair, lst in zip(order, ranked_list, strict=True) if lst}
+        fallback = {pair: t for pair, t in result.touched.items() if pair not in ranked}
+        out = await self.recommend(fallback) if fallback else []
+        model_pairs = [pair for pair in order if pair in ranked]
+        if not model_pairs:
+            return out
+        keep = await self._retry("recommend", lambda: self._unseen(model_pairs, ranked,
+                                                                   self.s.rec_k))
+        short = [pair for pair in model_pairs
+                 if len(keep[pair]) < self.s.rec_k and len(ranked[pair]) >= limit]
+        if short:  # the user consumed most of the head: rank deeper
+            deep = server.rank([reqs[order.index(pair)] for pair in short], 10**6)
+            ranked.update(zip(short, deep, strict=True))
+            keep.update(await self._retry("recommend", lambda: self._unseen(
+                short, ranked, self.s.rec_k)))
+        now = time.time()
+        for u, p in model_pairs:
+            t = pairs[(u, p)]
+            lst = ranked[(u, p)]
+            out.append(Recommendations.model_construct(
+                user=u, platform=p, items=[RecItem.model_construct(item=lst[i][0],
+                                                                   score=lst[i][1])
+                                           for i in keep[(u, p)]],
+                scorer=server.scorer, event_time=t.event_time,
+                produced_at=t.produced_at if math.isfinite(t.produced_at) else now,
+                published_at=now, events=t.events))
+        return out
 
     async def _popular(self, platform: str
                        ) -> tuple[list[tuple[str, float]], dict[str, float]]:
@@ -274,3 +348,27 @@ class RedisState:
     async def stats(self) -> dict[str, int]:
         raw = await self.r.hgetall(self.k("stats"))
         return {k: int(v) for k, v in raw.items()}
+
+
+def _entry(raw: str) -> HistEntry:
+    p, item, label, t = json.loads(raw)
+    return (str(p), str(item), int(label), float(t))
+
+
+def _histories(out: ApplyResult, batch: Sequence[tuple[int, Interaction]], res: dict,  # type: ignore[type-arg]
+               n: int) -> None:
+    """Rebuild each applied event's history-before from the pre-batch lists the script read."""
+    hist = {u: [_entry(x) for x in (lst if isinstance(lst, list) else [])]
+            for u, lst in (res.get("h") or {}).items()}
+    seen = res.get("s") or {}
+    for (u, p), t in out.touched.items():
+        lst = seen.get(f"{u}\t{p}")
+        t.seen_before = lst if isinstance(lst, list) else []
+    idx = res.get("i") or []
+    for i in (idx if isinstance(idx, list) else []):
+        ev = batch[int(i) - 1][1]
+        h = hist.setdefault(ev.user, [])
+        out.applied_events.append((ev, list(h)))
+        h.insert(0, (ev.platform, ev.item, int(ev.label), float(ev.event_time)))
+        del h[n:]
+    out.history = hist

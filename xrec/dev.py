@@ -43,7 +43,7 @@ class Collector(threading.Thread):
     """Reads recs topics and the dead-letter topic from outside, as a consumer would."""
 
     def __init__(self, bootstrap: str, recs_topics: list[str], deadletter_topic: str,
-                 from_beginning: bool) -> None:
+                 from_beginning: bool, quality_topic: str | None = None) -> None:
         super().__init__(daemon=True, name="xrec-collector")
         from kafka import KafkaConsumer, TopicPartition
 
@@ -53,7 +53,7 @@ class Collector(threading.Thread):
                                       # we see them: poll lazily, spare the broker
                                       fetch_max_wait_ms=500, fetch_min_bytes=64 * 1024)
         tps = []
-        for t in [*recs_topics, deadletter_topic]:
+        for t in [*recs_topics, deadletter_topic, *([quality_topic] if quality_topic else [])]:
             parts = None
             deadline = time.monotonic() + 15
             while not parts and time.monotonic() < deadline:
@@ -71,6 +71,9 @@ class Collector(threading.Thread):
         for tp in tps:  # resolve positions now, not lazily at the first poll
             self.consumer.position(tp)
         self.deadletter_topic = deadletter_topic
+        self.quality_topic = quality_topic
+        #: (platform, cohort) → [n, Σ recall@10·n, Σ ndcg@10·n] over quality windows
+        self.quality: dict[tuple[str, str], list[float]] = {}
         #: only recommendations covering events produced at/after this time count for latency
         self.since = 0.0
         self.lock = threading.Lock()
@@ -99,6 +102,13 @@ class Collector(threading.Thread):
             if topic == self.deadletter_topic:
                 self.deadletters[obj["code"]] = self.deadletters.get(obj["code"], 0) + 1
                 return
+            if topic == self.quality_topic:
+                if obj["n"] and obj["recall_at_10"] is not None:
+                    q = self.quality.setdefault((obj["platform"], obj["cohort"]), [0, 0.0, 0.0])
+                    q[0] += obj["n"]
+                    q[1] += obj["recall_at_10"] * obj["n"]
+                    q[2] += obj["ndcg_at_10"] * obj["n"]
+                return
             self.recs += 1
             self.users.add(obj["user"])
             if obj["produced_at"] >= self.since:
@@ -119,6 +129,9 @@ class Collector(threading.Thread):
                 "deadletter_by_code": dict(sorted(self.deadletters.items())),
                 "latency_ms_p50": _r(p50),
                 "latency_ms_p99": _r(p99),
+                "quality": {f"{p}/{c}": {"n": int(q[0]), "recall@10": round(q[1] / q[0], 4),
+                                         "ndcg@10": round(q[2] / q[0], 4)}
+                            for (p, c), q in sorted(self.quality.items()) if q[0]},
             }
 
 
@@ -193,7 +206,7 @@ def run_dev(settings: Settings, o: DevOptions) -> int:
                 f"log {w.log_path}")
             collector = Collector(bootstrap, [topics.recs(p) for p in platforms],
                                   topics.deadletter, from_beginning=not settings.
-                                  kafka_bootstrap_servers)
+                                  kafka_bootstrap_servers, quality_topic=topics.quality)
             collector.start()
 
             sim = workdir / "sim"
@@ -267,6 +280,7 @@ def run_dev(settings: Settings, o: DevOptions) -> int:
                 "replay_s": round(replay_s, 1),
                 "elapsed_s": round(time.monotonic() - t_start, 1),
                 "drained": drained,
+                **_heads_summary(cache, snap),
             }
             _report(say, summary, collector, cache)
             _similar_example(say, settings, redis_url, cache)
@@ -348,6 +362,23 @@ def _live(say, tty, collector, cache, base, sent, manifest, stop, interval: floa
         print(file=sys.stdout, flush=True)
 
 
+def _heads_summary(cache: Any, snap: dict[str, Any]) -> dict[str, Any]:
+    """Head versions published, how soon recommenders used them, prequential quality."""
+    swaps = cache.head_swaps()
+    used = np.array([s["used_after_s"] for s in swaps]) if swaps else np.array([])
+    return {
+        "head_versions": cache.head_version(),
+        "head_swaps": len(swaps),
+        "head_used_after_s_p50": _r3(np.percentile(used, 50)) if used.size else None,
+        "head_used_after_s_max": _r3(used.max()) if used.size else None,
+        "quality": snap.get("quality", {}),
+    }
+
+
+def _r3(x: float) -> float:
+    return round(float(x), 3)
+
+
 def _report(say, summary: dict[str, Any], collector: Collector, cache: Any) -> None:  # type: ignore[no-untyped-def]
     say("")
     say(f"events {summary['events']:,} ({summary['valid_events']:,} valid) → applied "
@@ -358,6 +389,14 @@ def _report(say, summary: dict[str, Any], collector: Collector, cache: Any) -> N
         f" {summary['deadletter_by_code']}")
     say(f"event → recommendation latency p50 {summary['latency_ms_p50']} ms, p99 "
         f"{summary['latency_ms_p99']} ms at {summary['replay_rate']} events/s")
+    if summary.get("head_versions"):
+        say(f"model: {summary['head_versions']} head versions published; recommenders swapped "
+            f"{summary['head_swaps']} times, each in use {summary['head_used_after_s_p50']} s "
+            f"(p50), {summary['head_used_after_s_max']} s (max) after its training batch "
+            "arrived")
+    for key, q in summary.get("quality", {}).items():
+        say(f"  prequential {key}: recall@10 {q['recall@10']}, ndcg@10 {q['ndcg@10']} "
+            f"over {q['n']:,} positives (ranked before the model saw them)")
     with collector.lock:
         samples = list(collector.last_recs.values())
     for rec in samples:

@@ -4,11 +4,14 @@
 -- Per event: skip if its source offset <= the (unified partition, source partition)
 -- watermark, or if its event id was already applied for this user; else update state.
 -- Returns JSON {a: applied, o: offset dups, e: event-id dups, r: {"user\tplatform": [recent
--- positive items, newest first]}}.
+-- positive items, newest first]}, and when cfg.hist > 0: i: [1-based indices of the applied
+-- events], h: {user: [cross-platform history BEFORE the batch, newest first]},
+-- s: {"user\tplatform": [items the user had on the platform before the batch]}}.
 local req = cjson.decode(ARGV[1])
 local P, c = req.p, req.cfg
 local applied, dup_off, dup_ev = 0, 0, 0
 local recent_pos, anchors, trim_co = {}, {}, {}
+local hist_before, seen_before, applied_idx = {}, {}, {}
 
 local function positives(rk)
   local entries = redis.call('LRANGE', rk, 0, 4 * c.win)
@@ -24,12 +27,19 @@ local function positives(rk)
   return items
 end
 
-for _, ev in ipairs(req.ev) do
+for n, ev in ipairs(req.ev) do
   local q, src, off, u, p, item, label, w, t, kind, eid = unpack(ev)
   local pk = u .. '\t' .. p
   local base = P .. 'u:' .. u .. ':' .. p
   local rk = base .. ':recent'
-  if recent_pos[pk] == nil then recent_pos[pk] = positives(rk) end
+  local hk = P .. 'u:' .. u .. ':hist'
+  if recent_pos[pk] == nil then
+    recent_pos[pk] = positives(rk)
+    if c.hist > 0 then seen_before[pk] = redis.call('ZRANGE', base .. ':seen', 0, -1) end
+  end
+  if c.hist > 0 and hist_before[u] == nil then
+    hist_before[u] = redis.call('LRANGE', hk, 0, c.hist - 1)
+  end
   local wmk = req.wm .. q
   local cur = tonumber(redis.call('HGET', wmk, src) or '-1')
   if off <= cur then
@@ -41,6 +51,11 @@ for _, ev in ipairs(req.ev) do
       dup_ev = dup_ev + 1
     else
       applied = applied + 1
+      if c.hist > 0 then
+        applied_idx[#applied_idx + 1] = n
+        redis.call('LPUSH', hk, cjson.encode({p, item, label, t}))
+        redis.call('LTRIM', hk, 0, c.hist - 1)
+      end
       redis.call('ZADD', ek, t, eid)
       redis.call('ZREMRANGEBYRANK', ek, 0, -(c.eids + 1))
       redis.call('LPUSH', rk, cjson.encode({item, label, w, t, kind}))
@@ -98,4 +113,8 @@ local sk = P .. 'stats'
 redis.call('HINCRBY', sk, 'events_applied', applied)
 redis.call('HINCRBY', sk, 'duplicates_offset', dup_off)
 redis.call('HINCRBY', sk, 'duplicates_event', dup_ev)
+if c.hist > 0 then
+  return cjson.encode({a = applied, o = dup_off, e = dup_ev, r = recent_pos, i = applied_idx,
+                       h = hist_before, s = seen_before})
+end
 return cjson.encode({a = applied, o = dup_off, e = dup_ev, r = recent_pos})

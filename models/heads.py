@@ -1,0 +1,334 @@
+"""The learned model: a shared user tower and small per-platform heads over frozen text vectors.
+
+::
+
+    item  e(p, i) = norm( (A + A_p) · text(i) + ID_p[hash(i)] )     A_p: per-platform adapter
+                    (text centred on its platform's mean; A shared, A_p starts at zero)
+                    (+ bias_p[hash(i)] added to the score)           ID_p: hashed id embeddings
+    user  tokens  = [start_p] + last L interactions on ALL platforms:
+                    e(p_j, i_j) + platform_j + label_j + position_j + time-gap bucket_j
+          u       = attention pooling with a per-platform query c_p, then MLP (shared)
+          q_p(u)  = norm( u + Q_p · u )                               Q_p: query projection
+    score(u,p,i)  = τ · <q_p(u), e(p,i)> + bias_p[hash(i)]
+
+*Heads* are the per-platform parameters (A_p, Q_p, c_p, start_p, ID_p, bias_p): they are
+what is fine-tuned online; the language model never is. The user tower and the platform,
+label, position and gap embeddings are shared by all platforms (joint training), which is
+what carries a user's music history into video and shop rankings. A platform that appears
+later gets heads initialised from the average of the existing ones.
+
+Items are addressed by a global row (gid) in :class:`ItemTable`, which holds every known
+item's text vector (zeros for items without text) and id-hash bucket.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["ModelConfig", "ItemTable", "HeadsModel", "History", "gap_bucket", "stable_bucket",
+           "save_model", "load_model", "pick_device"]
+
+
+@dataclass
+class ModelConfig:
+    text_dim: int = 384
+    dim: int = 64
+    hist_len: int = 50
+    buckets: int = 1 << 15  # hashed id rows per platform
+    gap_buckets: int = 16  # log2 time-gap buckets (seconds)
+    max_platforms: int = 32
+    seed: int = 0
+
+
+def pick_device(want: str = "auto") -> torch.device:
+    if want == "cpu":
+        return torch.device("cpu")
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def stable_bucket(item: str, buckets: int) -> int:
+    """Process-independent hash (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(item.encode(), digest_size=8).digest(),
+                          "little") % buckets
+
+
+def gap_bucket(gap_s: np.ndarray | float, n: int) -> np.ndarray:
+    """0 for gaps under 2 s, then one bucket per doubling, capped at n - 1."""
+    g = np.maximum(np.asarray(gap_s, dtype=np.float64), 1.0)
+    return np.minimum(np.log2(g).astype(np.int64), n - 1)
+
+
+class ItemTable:
+    """Every item the model knows, all platforms, in one table of global rows (gid)."""
+
+    def __init__(self, text_dim: int, buckets: int) -> None:
+        self.text_dim = text_dim
+        self.buckets = buckets
+        self.platforms: list[str] = []
+        self.gid: dict[tuple[str, str], int] = {}
+        self.ids: list[str] = []
+        self.plat: list[int] = []
+        self.bucket: list[int] = []
+        self.has_text: list[bool] = []
+        self.local: list[int] = []  # position of the row within its platform's catalog
+        self._text = np.zeros((0, text_dim), dtype=np.float32)
+        self._rows_by_plat: dict[int, list[int]] = {}
+        self._cache: dict[int, np.ndarray] = {}
+        self._means: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def platform_index(self, p: str) -> int:
+        if p not in self.platforms:
+            self.platforms.append(p)
+        return self.platforms.index(p)
+
+    def ensure(self, p: str, item: str) -> int:
+        key = (p, item)
+        g = self.gid.get(key)
+        if g is not None:
+            return g
+        g = len(self.ids)
+        pi = self.platform_index(p)
+        if g >= self._text.shape[0]:
+            grown = np.zeros((max(256, 2 * self._text.shape[0]), self.text_dim), np.float32)
+            grown[:g] = self._text[:g]
+            self._text = grown
+        self.gid[key] = g
+        self.ids.append(item)
+        self.plat.append(pi)
+        self.bucket.append(stable_bucket(item, self.buckets))
+        self.has_text.append(False)
+        rows = self._rows_by_plat.setdefault(pi, [])
+        self.local.append(len(rows))
+        rows.append(g)
+        self._cache.pop(pi, None)
+        return g
+
+    def set_text(self, p: str, items: Sequence[str], vecs: np.ndarray) -> None:
+        vecs = np.asarray(vecs, dtype=np.float32).reshape(len(items), self.text_dim)
+        for item, v in zip(items, vecs, strict=True):
+            g = self.ensure(p, item)
+            self._text[g] = v
+            self.has_text[g] = True
+        self._means.pop(self.platform_index(p), None)
+
+    @property
+    def text(self) -> np.ndarray:
+        return self._text[: len(self.ids)]
+
+    def centered(self, gids: np.ndarray) -> np.ndarray:
+        """Text vectors minus their platform's mean text vector (zeros for items without text).
+
+        Every platform's texts share a style (all track titles look alike to a language
+        model); removing the platform mean leaves what tells items apart, so a space film
+        lands nearer space music than near other films.
+        """
+        gids = np.asarray(gids, dtype=np.int64)
+        out = self.text[gids].copy()
+        plat = np.asarray(self.plat, dtype=np.int64)[gids]
+        has = np.asarray(self.has_text, dtype=bool)[gids]
+        for pi in np.unique(plat):
+            m = self._means.get(int(pi))
+            if m is None:
+                rows = np.asarray(self._rows_by_plat.get(int(pi), []), dtype=np.int64)
+                ht = rows[np.asarray(self.has_text, dtype=bool)[rows]] if len(rows) else rows
+                m = self.text[ht].mean(0) if len(ht) else np.zeros(self.text_dim, np.float32)
+                self._means[int(pi)] = m
+            sel = (plat == pi) & has
+            out[sel] -= m
+        return out
+
+    def rows(self, p: str) -> np.ndarray:
+        """The platform's catalog as global rows (cached until an item is added)."""
+        pi = self.platform_index(p)
+        hit = self._cache.get(pi)
+        if hit is None:
+            hit = np.asarray(self._rows_by_plat.get(pi, []), dtype=np.int64)
+            self._cache[pi] = hit
+        return hit
+
+
+@dataclass
+class History:
+    """A batch of users' histories (newest first), padded to L, as numpy arrays."""
+
+    gid: np.ndarray  # [B, L] int64, -1 = padding
+    label: np.ndarray  # [B, L] int64
+    gap: np.ndarray  # [B, L] int64 (bucket of now - t_j)
+    target_plat: np.ndarray  # [B] int64
+
+    @staticmethod
+    def build(rows: Sequence[Sequence[tuple[int, int, float]]], now: Sequence[float],
+              target_plat: Sequence[int], hist_len: int, gap_buckets: int) -> History:
+        """rows[b] = [(gid, label, time), ...] newest first."""
+        b = len(rows)
+        gid = np.full((b, hist_len), -1, dtype=np.int64)
+        label = np.zeros((b, hist_len), dtype=np.int64)
+        t = np.zeros((b, hist_len), dtype=np.float64)
+        for r, h in enumerate(rows):
+            n = min(len(h), hist_len)
+            if n:
+                arr = np.asarray(h[:n], dtype=np.float64)
+                gid[r, :n] = arr[:, 0].astype(np.int64)
+                label[r, :n] = arr[:, 1].astype(np.int64)
+                t[r, :n] = arr[:, 2]
+        gap = gap_bucket(np.asarray(now, dtype=np.float64)[:, None] - t, gap_buckets)
+        return History(gid, label, gap, np.asarray(target_plat, dtype=np.int64))
+
+
+class HeadsModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, platforms: Iterable[str] = ()) -> None:
+        super().__init__()
+        torch.manual_seed(cfg.seed)
+        self.cfg = cfg
+        d = cfg.dim
+        self.platforms: list[str] = []
+        # heads (per platform)
+        self.adapter = nn.ModuleDict()
+        self.query = nn.ModuleDict()
+        self.ctx = nn.ParameterDict()
+        self.start = nn.ParameterDict()
+        self.ids = nn.ParameterDict()
+        self.bias = nn.ParameterDict()
+        # shared: the text adapter every platform starts from (its head adds a residual)
+        self.text_adapter = nn.Linear(cfg.text_dim, d)
+        # shared user tower
+        self.plat_emb = nn.Embedding(cfg.max_platforms, d)
+        self.label_emb = nn.Embedding(2, d)
+        self.pos_emb = nn.Embedding(cfg.hist_len + 1, d)
+        self.gap_emb = nn.Embedding(cfg.gap_buckets, d)
+        self.key = nn.Linear(d, d)
+        self.value = nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        self.log_tau = nn.Parameter(torch.tensor(math.log(10.0)))
+        for m in (self.plat_emb, self.label_emb, self.pos_emb, self.gap_emb):
+            nn.init.normal_(m.weight, std=0.02)
+        for p in platforms:
+            self.add_platform(p)
+
+    # ------------------------------------------------------------------ heads
+    def add_platform(self, p: str) -> None:
+        """New heads, initialised from the average of the existing ones (cold start)."""
+        if p in self.platforms:
+            return
+        if len(self.platforms) >= self.cfg.max_platforms:
+            raise ValueError(f"more than {self.cfg.max_platforms} platforms")
+        d, cfg = self.cfg.dim, self.cfg
+        dev = self.log_tau.device
+        adapter, query = nn.Linear(cfg.text_dim, d), nn.Linear(d, d)
+        nn.init.zeros_(adapter.weight)  # residual on the shared adapter: starts at zero
+        nn.init.zeros_(adapter.bias)
+        nn.init.normal_(query.weight, std=0.02)
+        nn.init.zeros_(query.bias)
+        ctx = torch.randn(d) * 0.02
+        start = torch.randn(d) * 0.02
+        if self.platforms:
+            with torch.no_grad():
+                for name, mod in (("adapter", adapter), ("query", query)):
+                    peers = [getattr(self, name)[q] for q in self.platforms]
+                    mod.weight.copy_(torch.stack([m.weight for m in peers]).mean(0))
+                    mod.bias.copy_(torch.stack([m.bias for m in peers]).mean(0))
+                ctx = torch.stack([self.ctx[q] for q in self.platforms]).mean(0).cpu()
+                start = torch.stack([self.start[q] for q in self.platforms]).mean(0).cpu()
+        self.adapter[p] = adapter.to(dev)
+        self.query[p] = query.to(dev)
+        self.ctx[p] = nn.Parameter(ctx.to(dev))
+        self.start[p] = nn.Parameter(start.to(dev))
+        self.ids[p] = nn.Parameter(torch.zeros(cfg.buckets, d, device=dev))
+        self.bias[p] = nn.Parameter(torch.zeros(cfg.buckets, device=dev))
+        self.platforms.append(p)
+
+    def head_parameters(self, p: str) -> list[nn.Parameter]:
+        return [*self.adapter[p].parameters(), *self.query[p].parameters(), self.ctx[p],
+                self.start[p], self.ids[p], self.bias[p]]
+
+    # ------------------------------------------------------------------ items
+    def item_emb(self, table: ItemTable, gids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalised embeddings [n, d], score bias [n]) of global rows ``gids``."""
+        dev = self.log_tau.device
+        gids = np.asarray(gids, dtype=np.int64)
+        out = torch.zeros(len(gids), self.cfg.dim, device=dev)
+        bias = torch.zeros(len(gids), device=dev)
+        plat = np.asarray(table.plat, dtype=np.int64)[gids] if len(gids) else gids
+        bucket = np.asarray(table.bucket, dtype=np.int64)
+        for pi in np.unique(plat):
+            name = table.platforms[int(pi)]
+            sel = np.nonzero(plat == pi)[0]
+            g = gids[sel]
+            txt = torch.from_numpy(table.centered(g)).to(dev)
+            b = torch.from_numpy(bucket[g]).to(dev)
+            e = self.text_adapter(txt) + self.adapter[name](txt) + self.ids[name][b]
+            idx = torch.from_numpy(sel).to(dev)
+            out = out.index_copy(0, idx, e)
+            bias = bias.index_copy(0, idx, self.bias[name][b])
+        return F.normalize(out, dim=-1), bias
+
+    # ------------------------------------------------------------------ users
+    def user(self, table: ItemTable, h: History) -> torch.Tensor:
+        """Normalised platform-specific query vectors [B, d] (target platform per row)."""
+        dev = self.log_tau.device
+        b, seq = h.gid.shape
+        valid = h.gid >= 0
+        flat = h.gid[valid]
+        tok = torch.zeros(b, seq, self.cfg.dim, device=dev)
+        if flat.size:
+            uniq, inv = np.unique(flat, return_inverse=True)
+            e, _ = self.item_emb(table, uniq)
+            hp = np.asarray(table.plat, dtype=np.int64)[uniq]
+            e = e + self.plat_emb(torch.from_numpy(hp).to(dev))
+            mask = torch.from_numpy(valid).to(dev)
+            tok[mask] = e[torch.from_numpy(inv).to(dev)]
+        pos = torch.arange(1, seq + 1, device=dev)
+        tok = tok + self.label_emb(torch.from_numpy(h.label).to(dev)) + self.pos_emb(pos)[None] \
+            + self.gap_emb(torch.from_numpy(h.gap).to(dev))
+        names = [table.platforms[int(i)] for i in h.target_plat]
+        start = torch.stack([self.start[n] for n in names]) + self.pos_emb.weight[0]
+        ctx = torch.stack([self.ctx[n] for n in names])
+        tok = torch.cat([start[:, None], tok], dim=1)  # [B, 1+L, d]
+        mask = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=dev),
+                          torch.from_numpy(valid).to(dev)], dim=1)
+        att = (self.key(tok) * ctx[:, None]).sum(-1) / math.sqrt(self.cfg.dim)
+        att = att.masked_fill(~mask, float("-inf")).softmax(dim=1)
+        u = (att[..., None] * self.value(tok)).sum(1)
+        u = u + self.mlp(u)
+        out = torch.empty_like(u)
+        for n in set(names):
+            sel = torch.tensor([i for i, m in enumerate(names) if m == n], device=dev)
+            out[sel] = u[sel] + self.query[n](u[sel])
+        return F.normalize(out, dim=-1)
+
+    @property
+    def tau(self) -> torch.Tensor:
+        return self.log_tau.clamp(0.0, 4.0).exp()
+
+    def scores(self, q: torch.Tensor, e: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return self.tau * (q @ e.T) + bias[None]
+
+
+def save_model(model: HeadsModel) -> bytes:
+    """Weights + config + platform order, as bytes (what goes to Redis)."""
+    buf = io.BytesIO()
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"cfg": asdict(model.cfg), "platforms": list(model.platforms), "state": state},
+               buf)
+    return buf.getvalue()
+
+
+def load_model(blob: bytes, device: torch.device | None = None) -> HeadsModel:
+    obj = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    m = HeadsModel(ModelConfig(**obj["cfg"]), obj["platforms"])
+    m.load_state_dict(obj["state"])
+    return m.to(device or torch.device("cpu"))

@@ -1,0 +1,344 @@
+"""The learned model in the stream: head registry in Redis, serving, online training.
+
+Redis (binary values, prefix ``XREC_REDIS_PREFIX``)::
+
+    heads:version   int     bumped by every publish (monotonic)
+    heads:blob      bytes   the weights of that version (torch.save, float16 tensors)
+    heads:meta      hash    HeadVersion fields of that version (JSON under "record")
+    heads:swaps     list    newest first: {version, worker, used_after_s, event_to_use_s}
+
+One MULTI/EXEC writes version, blob and meta together, and recommenders read them in one
+MULTI/EXEC, so a recommender never pairs a version number with another version's weights.
+Recommenders poll ``heads:version`` (a GET every ``XREC_HEAD_POLL_S``) rather than consume
+``xrec.models.heads``: a consumer group would hand each HeadVersion to one worker only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import redis.asyncio as aioredis
+import torch
+
+from models.heads import HeadsModel, History, ItemTable, ModelConfig, pick_device
+from models.metrics import RankingStats, rank_of
+from models.trainer import Example, OnlineTrainer, TrainConfig
+from streams.records import HeadVersion, QualityWindow, TrainingExample
+from streams.settings import Settings
+from streams.vectors import VectorStore
+
+__all__ = ["HeadRegistry", "ModelServer", "TrainerService", "model_config", "dump_blob",
+           "load_blob"]
+
+log = logging.getLogger("xrec.heads")
+
+
+def model_config(s: Settings, text_dim: int) -> ModelConfig:
+    return ModelConfig(text_dim=text_dim, dim=s.model_dim, hist_len=s.hist_len,
+                       buckets=s.model_buckets, seed=s.model_seed)
+
+
+def dump_blob(model: HeadsModel) -> bytes:
+    """Weights for transport: float16, and the hashed id tables sparse (only rows that ever
+    learned anything are non-zero, a few thousand of 2^14 per platform): ~100× fewer bytes."""
+    buf = io.BytesIO()
+    state: dict[str, Any] = {}
+    sparse: dict[str, Any] = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().cpu()
+        if k.startswith(("ids.", "bias.")):
+            nz = (v != 0).reshape(v.shape[0], -1).any(dim=1).nonzero().flatten()
+            sparse[k] = (list(v.shape), nz.to(torch.int32), v[nz].to(torch.float16))
+        else:
+            state[k] = v.to(torch.float16) if v.is_floating_point() else v
+    torch.save({"cfg": asdict(model.cfg), "platforms": list(model.platforms), "state": state,
+                "sparse": sparse}, buf)
+    return buf.getvalue()
+
+
+def load_blob(blob: bytes, device: torch.device | None = None) -> HeadsModel:
+    obj = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    m = HeadsModel(ModelConfig(**obj["cfg"]), obj["platforms"])
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in obj["state"].items()}
+    for k, (shape, nz, rows) in obj.get("sparse", {}).items():
+        full = torch.zeros(shape)
+        full[nz.long()] = rows.float()
+        state[k] = full
+    m.load_state_dict(state)
+    m.eval()
+    return m.to(device or torch.device("cpu"))
+
+
+class HeadRegistry:
+    def __init__(self, url: str, prefix: str) -> None:
+        self.r = aioredis.Redis.from_url(url, decode_responses=False)
+        self.p = prefix
+
+    def k(self, name: str) -> str:
+        return f"{self.p}heads:{name}"
+
+    async def version(self) -> int:
+        return int(await self.r.get(self.k("version")) or 0)
+
+    async def publish(self, blob: bytes, record: dict[str, Any]) -> int:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.incr(self.k("version"))
+        pipe.set(self.k("blob"), blob)
+        pipe.hset(self.k("meta"), mapping={"record": json.dumps(record)})
+        v, _, _ = await pipe.execute()
+        return int(v)
+
+    async def latest(self) -> tuple[int, bytes | None, dict[str, Any]]:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.get(self.k("version"))
+        pipe.get(self.k("blob"))
+        pipe.hget(self.k("meta"), "record")
+        v, blob, meta = await pipe.execute()
+        return int(v or 0), blob, json.loads(meta) if meta else {}
+
+    async def note_swap(self, info: dict[str, Any]) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        pipe.lpush(self.k("swaps"), json.dumps(info))
+        pipe.ltrim(self.k("swaps"), 0, 999)
+        await pipe.execute()
+
+
+class _Tables:
+    """Keeps an :class:`ItemTable` in step with the worker's in-memory item vectors."""
+
+    def __init__(self, vectors: VectorStore, buckets: int) -> None:
+        self.vectors = vectors
+        self.table = ItemTable(vectors.dim, buckets)
+        self._seen: dict[str, tuple[int, int]] = {}
+
+    def sync(self) -> bool:
+        changed = False
+        for p, idx in list(self.vectors.index.items()):
+            mark = (id(idx), len(idx))
+            if self._seen.get(p) != mark:
+                self.table.set_text(p, list(idx.ids), idx.matrix)
+                self._seen[p] = mark
+                changed = True
+        return changed
+
+    def gid_history(self, hist: Sequence[tuple[str, str, int, float]]
+                    ) -> list[tuple[int, int, float]]:
+        return [(self.table.ensure(p, i), int(lab), float(t)) for p, i, lab, t in hist]
+
+
+class ModelServer:
+    """The head version a recommend worker serves, hot-swapped between micro-batches."""
+
+    def __init__(self, settings: Settings, vectors: VectorStore, worker: str) -> None:
+        self.s = settings
+        self.reg = HeadRegistry(settings.redis_url or "", settings.redis_prefix)
+        self.tables = _Tables(vectors, settings.model_buckets)
+        self.model: HeadsModel | None = None
+        self.version = 0
+        self.worker = worker
+        self.device = pick_device(settings.train_device)
+        self._items: dict[str, tuple[int, int, torch.Tensor, torch.Tensor]] = {}
+        self.quality: dict[tuple[str, str], RankingStats] = {}
+        self.window_start = time.time()
+        self.swaps: list[float] = []
+
+    @property
+    def ready(self) -> bool:
+        return self.model is not None
+
+    @property
+    def scorer(self) -> str:
+        return f"xrec-heads-v{self.version}"
+
+    async def poll(self) -> bool:
+        """Swap in a newer head version if there is one. Never goes backwards."""
+        if await self.reg.version() <= self.version:
+            return False
+        v, blob, meta = await self.reg.latest()
+        if v <= self.version or blob is None:
+            return False
+        loop = asyncio.get_running_loop()
+        model = await loop.run_in_executor(None, load_blob, blob, self.device)
+        self.model, self.version = model, v  # one assignment: the next batch uses it
+        self._items.clear()
+        now = time.time()
+        used_after = now - float(meta.get("batch_arrived_at", now))
+        e2u = now - float(meta.get("newest_produced_at", now))
+        self.swaps.append(used_after)
+        log.info("head v%d in use: %.2f s after its training batch arrived, %.2f s after its "
+                 "newest event", v, used_after, e2u)
+        try:
+            await self.reg.note_swap({"version": v, "worker": self.worker,
+                                      "used_after_s": round(used_after, 3),
+                                      "event_to_use_s": round(e2u, 3), "at": now})
+        except Exception as exc:  # noqa: BLE001 - bookkeeping only
+            log.warning("could not record head swap: %s", exc)
+        return True
+
+    # ---------------------------------------------------------------- scoring
+    def _item_matrix(self, p: str) -> tuple[np.ndarray, torch.Tensor, torch.Tensor] | None:
+        assert self.model is not None
+        t = self.tables.table
+        rows = t.rows(p)
+        if not len(rows):
+            return None
+        hit = self._items.get(p)
+        if hit is None or hit[0] != self.version or hit[1] != len(rows):
+            self.model.add_platform(p)
+            with torch.no_grad():
+                e, b = self.model.item_emb(t, rows)
+            self._items[p] = hit = (self.version, len(rows), e, b)
+        return rows, hit[2], hit[3]
+
+    def score(self, reqs: Sequence[tuple[Sequence[tuple[str, str, int, float]], str, float]]
+              ) -> dict[str, tuple[np.ndarray, np.ndarray, list[int]]]:
+        """reqs = [(history newest first, platform, now)] → {platform: (rows, scores, req idx)}."""
+        assert self.model is not None
+        self.tables.sync()
+        t = self.tables.table
+        by_p: dict[str, list[int]] = {}
+        for n, (_, p, _) in enumerate(reqs):
+            by_p.setdefault(p, []).append(n)
+        out = {}
+        for p, idx in by_p.items():
+            mat = self._item_matrix(p)
+            if mat is None:
+                continue
+            rows, e, b = mat
+            hist = [self.tables.gid_history(reqs[i][0]) for i in idx]
+            h = History.build(hist, [reqs[i][2] for i in idx], [t.platform_index(p)] * len(idx),
+                              self.model.cfg.hist_len, self.model.cfg.gap_buckets)
+            with torch.no_grad():
+                s = self.model.scores(self.model.user(t, h), e, b).float().cpu().numpy()
+            out[p] = (rows, s, idx)
+        return out
+
+    def rank(self, reqs: Sequence[tuple[Sequence[tuple[str, str, int, float]], str, float]],
+             limit: int) -> list[list[tuple[str, float]]]:
+        """Best ``limit`` (item, score) per request, no exclusions applied."""
+        res: list[list[tuple[str, float]]] = [[] for _ in reqs]
+        ids = self.tables.table.ids
+        for _p, (rows, s, idx) in self.score(reqs).items():
+            k = min(limit, s.shape[1])
+            top = np.argpartition(-s, k - 1, axis=1)[:, :k]
+            for r, n in enumerate(idx):
+                order = top[r][np.argsort(-s[r, top[r]], kind="stable")]
+                res[n] = [(ids[int(rows[j])], round(float(s[r, j]), 5)) for j in order]
+        return res
+
+    # ------------------------------------------------------------ prequential
+    def evaluate(self, applied: Sequence[tuple[Any, list[tuple[str, str, int, float]]]],
+                 seen_before: dict[tuple[str, str], list[str]]) -> int:
+        """Rank each applied positive with the served model before it learns from it."""
+        t = self.tables.table
+        seen = {k: set(v) for k, v in seen_before.items()}
+        reqs, meta = [], []
+        for ev, hist in applied:
+            s = seen.setdefault((ev.user, ev.platform), set())
+            if ev.label == 1 and ev.item not in s:
+                cold = not s and any(p != ev.platform for p, _, _, _ in hist)
+                reqs.append((hist, ev.platform, ev.event_time))
+                meta.append((ev, set(s), cold))
+            s.add(ev.item)
+        if not reqs:
+            return 0
+        for _p, (rows, scores, idx) in self.score(reqs).items():
+            local = {int(g): j for j, g in enumerate(rows)}
+            for r, n in enumerate(idx):
+                ev, s, cold = meta[n]
+                target = local.get(t.gid.get((ev.platform, ev.item), -1))
+                if target is None:
+                    continue  # not in the catalog (no vector): not rankable
+                excl = [local[g] for g in (t.gid.get((ev.platform, i)) for i in s)
+                        if g is not None and g in local]
+                rank, _ = rank_of(scores[r], target, np.asarray(excl, dtype=np.int64))
+                for key in ((ev.platform, "all"), ("all", "all")) + (
+                        ((ev.platform, "coldstart"), ("all", "coldstart")) if cold else ()):
+                    self.quality.setdefault(key, RankingStats()).add(rank)
+        return len(reqs)
+
+    def quality_windows(self) -> list[QualityWindow]:
+        now = time.time()
+        out = []
+        for (p, cohort), st in sorted(self.quality.items()):
+            sm = st.summary()
+            out.append(QualityWindow(platform=p, cohort=cohort,  # type: ignore[arg-type]
+                                     scorer=self.scorer, window_s=round(now - self.window_start,
+                                                                        3),
+                                     n=st.n, recall_at_10=sm["recall@10"],
+                                     recall_at_20=sm["recall@20"], ndcg_at_10=sm["ndcg@10"],
+                                     mrr=sm["mrr"], at=now))
+        self.quality = {}
+        self.window_start = now
+        return out
+
+
+def examples_from(applied: Sequence[tuple[Any, list[tuple[str, str, int, float]]]],
+                  now: float) -> list[TrainingExample]:
+    return [TrainingExample(user=ev.user, platform=ev.platform, item=ev.item,
+                            weight=ev.weight, event_time=ev.event_time, history=hist,
+                            produced_at=ev.produced_at, emitted_at=now)
+            for ev, hist in applied if ev.label == 1]
+
+
+class TrainerService:
+    """The train agent's core: examples in, a new head version out (Redis + record)."""
+
+    def __init__(self, settings: Settings, vectors: VectorStore, platforms: Sequence[str]
+                 ) -> None:
+        self.s = settings
+        self.reg = HeadRegistry(settings.redis_url or "", settings.redis_prefix)
+        self.tables = _Tables(vectors, settings.model_buckets)
+        self.device = pick_device(settings.train_device)
+        self.platforms = list(platforms)
+        self.model: HeadsModel | None = None
+        self.trainer: OnlineTrainer | None = None
+        self.published = 0
+
+    async def start(self) -> None:
+        """Continue from the latest published version, if any (e.g. after a restart)."""
+        v, blob, _ = await self.reg.latest()
+        if blob is not None:
+            loop = asyncio.get_running_loop()
+            self.model = await loop.run_in_executor(None, load_blob, blob, self.device)
+            log.info("trainer continues from head v%d", v)
+        else:
+            self.model = HeadsModel(model_config(self.s, self.tables.vectors.dim),
+                                    self.platforms).to(self.device)
+        self.trainer = OnlineTrainer(self.model, self.tables.table, TrainConfig(
+            lr=self.s.train_lr, steps=self.s.train_steps, seed=self.s.model_seed))
+
+    def learn(self, recs: Sequence[TrainingExample]) -> int:
+        """Blocking (run it in an executor): table sync + optimizer steps."""
+        assert self.trainer is not None
+        self.tables.sync()
+        t = self.tables.table
+        ex = [Example(r.platform, t.ensure(r.platform, r.item),
+                      self.tables.gid_history(r.history), r.event_time, r.weight)
+              for r in recs]
+        return self.trainer.learn(ex)
+
+    def blob(self) -> bytes:
+        assert self.model is not None
+        return dump_blob(self.model)
+
+    def record(self, version: int, n: int, arrived: float, newest: float, size: int
+               ) -> HeadVersion:
+        assert self.trainer is not None and self.model is not None
+        st = self.trainer.stats
+        loss = st.last_loss if math.isfinite(st.last_loss) else None
+        return HeadVersion(version=version, platforms=list(self.model.platforms), examples=n,
+                           trained_examples=st.examples, steps=st.steps,
+                           skipped_nonfinite=st.skipped_nonfinite, loss=loss,
+                           step_ms=round(st.step_ms[-1] if st.step_ms else 0.0, 3),
+                           device=str(self.device), bytes=size, batch_arrived_at=arrived,
+                           newest_produced_at=newest, published_at=time.time())

