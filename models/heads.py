@@ -46,6 +46,7 @@ class ModelConfig:
     buckets: int = 1 << 15  # hashed id rows per platform
     gap_buckets: int = 16  # log2 time-gap buckets (seconds)
     max_platforms: int = 32
+    platform_attention: bool = True  # attention query per target platform (else shared)
     seed: int = 0
 
 
@@ -216,6 +217,12 @@ class HeadsModel(nn.Module):
         self.log_tau = nn.Parameter(torch.tensor(math.log(10.0)))
         for m in (self.plat_emb, self.label_emb, self.pos_emb, self.gap_emb):
             nn.init.normal_(m.weight, std=0.02)
+        # start as "the user is the mean of their items": value = identity, MLP residual = 0,
+        # so an untrained model already ranks by text similarity (+ learned popularity bias)
+        nn.init.eye_(self.value.weight)
+        nn.init.zeros_(self.value.bias)
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
         for p in platforms:
             self.add_platform(p)
 
@@ -296,7 +303,8 @@ class HeadsModel(nn.Module):
             + self.gap_emb(torch.from_numpy(h.gap).to(dev))
         names = [table.platforms[int(i)] for i in h.target_plat]
         start = torch.stack([self.start[n] for n in names]) + self.pos_emb.weight[0]
-        ctx = torch.stack([self.ctx[n] for n in names])
+        ctx = torch.stack([self.ctx[n] for n in names]) if self.cfg.platform_attention \
+            else self.ctx[self.platforms[0]].expand(b, -1)
         tok = torch.cat([start[:, None], tok], dim=1)  # [B, 1+L, d]
         mask = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=dev),
                           torch.from_numpy(valid).to(dev)], dim=1)

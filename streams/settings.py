@@ -98,6 +98,8 @@ class Settings(BaseSettings):
     train_batch_max: int = Field(512, ge=1)
     train_batch_within_s: float = Field(0.2, gt=0)
     train_device: str = Field("auto", description="auto | cpu | cuda (training and serving)")
+    torch_threads: int = Field(1, ge=0, description="CPU threads for the model in a worker; "
+                               "0 = torch's default (all cores)")
     head_poll_s: float = Field(0.25, gt=0, description="how often recommenders look for a new "
                                "head version")
     quality_window_s: float = Field(10.0, gt=0, description="xrec.metrics.quality period")

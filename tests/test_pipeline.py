@@ -38,7 +38,7 @@ def wait_for(cond, timeout=90.0, what="condition"):
 def state_dump(url: str, prefix: str) -> dict:
     """Everything under the prefix except what legitimately changes on a re-run."""
     return redis_dump(url, prefix, skip=lambda rest: rest in ("stats", "workers")
-                      or rest.startswith(("recs:", "vec:", "vecver:")))
+                      or rest.startswith(("recs:", "vec:", "vecver:", "heads:")))
 
 
 @pytest.fixture(scope="module")

@@ -126,6 +126,10 @@ def worker(agents: str | None, loglevel: str | None) -> None:
     # interval, every await on Redis/Kafka in the agents waits behind that thread (the
     # GIL convoy effect): measured here, 50 ms per micro-batch instead of ~5 ms.
     sys.setswitchinterval(s.gil_switch_interval_ms / 1000.0)
+    if s.torch_threads:  # training and scoring share the cores with the stream's own work
+        import torch
+
+        torch.set_num_threads(s.torch_threads)
     app = create_app(s, agents=agents)
     w = faust.Worker(app, loglevel=(loglevel or s.log_level).upper(), quiet=True,
                      redirect_stdouts=False)
