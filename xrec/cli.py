@@ -93,7 +93,8 @@ def dev(events: int, rate: float, malformed: float, once: bool, as_json: bool, t
 
     \b
     JSON summary keys: events, valid_events, users, recommendations, users_with_recs,
-    deadlettered, deadlettered_expected, latency_ms_p50, latency_ms_p99, elapsed_s, ...
+    deadlettered, deadlettered_expected, latency_ms_p50, latency_ms_p99, elapsed_s,
+    head_versions, head_used_after_s_p50, head_used_after_s_max, quality, ...
     """
     from xrec.dev import DevOptions, run_dev
 
