@@ -4,14 +4,15 @@
 
     item  e(p, i) = norm( (A + A_p) · text(i) + ID_p[hash(i)] )     A_p: per-platform adapter
                     (text centred on its platform's mean; A shared, A_p starts at zero)
-                    (+ bias_p[hash(i)] added to the score)           ID_p: hashed id embeddings
+                    (+ bias_p[hash(i)] added to the score)           ID_p: hashed id rows
     user  tokens  = [start_p] + last L interactions on ALL platforms:
                     e(p_j, i_j) + platform_j + label_j + position_j + time-gap bucket_j
           u       = attention pooling with a per-platform query c_p, then MLP (shared)
           q_p(u)  = norm( u + Q_p · u )                               Q_p: query projection
     score(u,p,i)  = τ · <q_p(u), e(p,i)> + bias_p[hash(i)]
 
-*Heads* are the per-platform parameters (A_p, Q_p, c_p, start_p, ID_p, bias_p): they are
+*Heads* are the per-platform parameters (A_p, Q_p, c_p, start_p, ID_p with bias_p as its
+last column): they are
 what is fine-tuned online; the language model never is. The user tower and the platform,
 label, position and gap embeddings are shared by all platforms (joint training), which is
 what carries a user's music history into video and shop rankings. A platform that appears
@@ -202,8 +203,7 @@ class HeadsModel(nn.Module):
         self.query = nn.ModuleDict()
         self.ctx = nn.ParameterDict()
         self.start = nn.ParameterDict()
-        self.ids = nn.ParameterDict()
-        self.bias = nn.ParameterDict()
+        self.ids = nn.ParameterDict()  # [buckets, dim + 1]: embedding, then the score bias
         # shared: the text adapter every platform starts from (its head adds a residual)
         self.text_adapter = nn.Linear(cfg.text_dim, d)
         # shared user tower
@@ -254,13 +254,12 @@ class HeadsModel(nn.Module):
         self.query[p] = query.to(dev)
         self.ctx[p] = nn.Parameter(ctx.to(dev))
         self.start[p] = nn.Parameter(start.to(dev))
-        self.ids[p] = nn.Parameter(torch.zeros(cfg.buckets, d, device=dev))
-        self.bias[p] = nn.Parameter(torch.zeros(cfg.buckets, device=dev))
+        self.ids[p] = nn.Parameter(torch.zeros(cfg.buckets, d + 1, device=dev))
         self.platforms.append(p)
 
     def head_parameters(self, p: str) -> list[nn.Parameter]:
         return [*self.adapter[p].parameters(), *self.query[p].parameters(), self.ctx[p],
-                self.start[p], self.ids[p], self.bias[p]]
+                self.start[p], self.ids[p]]
 
     # ------------------------------------------------------------------ items
     def item_emb(self, table: ItemTable, gids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -277,15 +276,21 @@ class HeadsModel(nn.Module):
             g = gids[sel]
             txt = torch.from_numpy(table.centered(g)).to(dev)
             b = torch.from_numpy(bucket[g]).to(dev)
-            e = self.text_adapter(txt) + self.adapter[name](txt) + self.ids[name][b]
+            # sparse gradients: an optimizer step touches only the rows in the batch
+            row = F.embedding(b, self.ids[name], sparse=True)
+            e = self.text_adapter(txt) + self.adapter[name](txt) + row[:, :-1]
             idx = torch.from_numpy(sel).to(dev)
             out = out.index_copy(0, idx, e)
-            bias = bias.index_copy(0, idx, self.bias[name][b])
+            bias = bias.index_copy(0, idx, row[:, -1])
         return F.normalize(out, dim=-1), bias
 
     # ------------------------------------------------------------------ users
-    def user(self, table: ItemTable, h: History) -> torch.Tensor:
-        """Normalised platform-specific query vectors [B, d] (target platform per row)."""
+    def user(self, table: ItemTable, h: History, items: torch.Tensor | None = None
+             ) -> torch.Tensor:
+        """Normalised platform-specific query vectors [B, d] (target platform per row).
+
+        ``items``: every table row's embedding, precomputed (serving, no gradients).
+        """
         dev = self.log_tau.device
         b, seq = h.gid.shape
         valid = h.gid >= 0
@@ -293,7 +298,10 @@ class HeadsModel(nn.Module):
         tok = torch.zeros(b, seq, self.cfg.dim, device=dev)
         if flat.size:
             uniq, inv = np.unique(flat, return_inverse=True)
-            e, _ = self.item_emb(table, uniq)
+            if items is not None and int(uniq[-1]) < items.shape[0]:
+                e = items[torch.from_numpy(uniq).to(dev)]
+            else:
+                e, _ = self.item_emb(table, uniq)
             hp = np.asarray(table.plat, dtype=np.int64)[uniq]
             e = e + self.plat_emb(torch.from_numpy(hp).to(dev))
             mask = torch.from_numpy(valid).to(dev)

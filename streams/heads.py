@@ -55,7 +55,7 @@ def dump_blob(model: HeadsModel) -> bytes:
     sparse: dict[str, Any] = {}
     for k, v in model.state_dict().items():
         v = v.detach().cpu()
-        if k.startswith(("ids.", "bias.")):
+        if k.startswith("ids."):
             nz = (v != 0).reshape(v.shape[0], -1).any(dim=1).nonzero().flatten()
             sparse[k] = (list(v.shape), nz.to(torch.int32), v[nz].to(torch.float16))
         else:
@@ -146,7 +146,7 @@ class ModelServer:
         self.version = 0
         self.worker = worker
         self.device = pick_device(settings.train_device)
-        self._items: dict[str, tuple[int, int, torch.Tensor, torch.Tensor]] = {}
+        self._all: tuple[int, int, torch.Tensor, torch.Tensor] | None = None
         self.quality: dict[tuple[str, str], RankingStats] = {}
         self.window_start = time.time()
         self.swaps: list[float] = []
@@ -172,7 +172,7 @@ class ModelServer:
         loop = asyncio.get_running_loop()
         model = await loop.run_in_executor(None, load_blob, blob, self.device)
         self.model, self.version = model, v  # one assignment: the next batch uses it
-        self._items.clear()
+        self._all = None
         now = time.time()
         used_after = now - float(meta.get("batch_arrived_at", now))
         e2u = now - float(meta.get("newest_produced_at", now))
@@ -188,19 +188,18 @@ class ModelServer:
         return True
 
     # ---------------------------------------------------------------- scoring
-    def _item_matrix(self, p: str) -> tuple[np.ndarray, torch.Tensor, torch.Tensor] | None:
+    def _embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every known item's embedding and bias under the served version (cached)."""
         assert self.model is not None
         t = self.tables.table
-        rows = t.rows(p)
-        if not len(rows):
-            return None
-        hit = self._items.get(p)
-        if hit is None or hit[0] != self.version or hit[1] != len(rows):
-            self.model.add_platform(p)
+        hit = self._all
+        if hit is None or hit[0] != self.version or hit[1] != len(t):
+            for p in t.platforms:
+                self.model.add_platform(p)
             with torch.no_grad():
-                e, b = self.model.item_emb(t, rows)
-            self._items[p] = hit = (self.version, len(rows), e, b)
-        return rows, hit[2], hit[3]
+                e, b = self.model.item_emb(t, np.arange(len(t)))
+            self._all = hit = (self.version, len(t), e, b)
+        return hit[2], hit[3]
 
     def score(self, reqs: Sequence[tuple[Sequence[tuple[str, str, int, float]], str, float]]
               ) -> dict[str, tuple[np.ndarray, np.ndarray, list[int]]]:
@@ -211,17 +210,20 @@ class ModelServer:
         by_p: dict[str, list[int]] = {}
         for n, (_, p, _) in enumerate(reqs):
             by_p.setdefault(p, []).append(n)
+        hists = {n: self.tables.gid_history(r[0]) for n, r in enumerate(reqs)}
+        e_all, b_all = self._embeddings()  # after the histories: they may add rows
         out = {}
         for p, idx in by_p.items():
-            mat = self._item_matrix(p)
-            if mat is None:
+            rows = t.rows(p)
+            if not len(rows):
                 continue
-            rows, e, b = mat
-            hist = [self.tables.gid_history(reqs[i][0]) for i in idx]
-            h = History.build(hist, [reqs[i][2] for i in idx], [t.platform_index(p)] * len(idx),
-                              self.model.cfg.hist_len, self.model.cfg.gap_buckets)
+            r = torch.from_numpy(rows).to(e_all.device)
+            h = History.build([hists[i] for i in idx], [reqs[i][2] for i in idx],
+                              [t.platform_index(p)] * len(idx), self.model.cfg.hist_len,
+                              self.model.cfg.gap_buckets)
             with torch.no_grad():
-                s = self.model.scores(self.model.user(t, h), e, b).float().cpu().numpy()
+                q = self.model.user(t, h, items=e_all)
+                s = self.model.scores(q, e_all[r], b_all[r]).float().cpu().numpy()
             out[p] = (rows, s, idx)
         return out
 
