@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from streams.errors import StackError
 from streams.records import DeadLetter, Recommendations
 
-__all__ = ["follow", "format_recs", "format_deadletter"]
+__all__ = ["follow", "format_recs", "format_deadletter", "format_drift", "format_quality"]
 
 
 def follow(bootstrap: str, topic: str, from_beginning: bool = False,
@@ -74,6 +74,35 @@ def format_recs(rec: Recommendations, titles: Callable[[str, str], str | None] |
 def format_deadletter(d: DeadLetter) -> str:
     return (f"{_hhmmss(d.at)} {d.code:<18} {d.src_topic}[{d.src_partition}]@{d.src_offset} "
             f"{d.message[:100]} | {d.excerpt[:60]!r}")
+
+
+def format_drift(raw: bytes) -> str:
+    """Drift records for people: signals stand out, windows are one line per platform."""
+    d = json.loads(raw)
+    kind = d.get("kind")
+    t = _hhmmss(float(d.get("time", 0)))
+    if kind == "signal":
+        return (f"{t} DRIFT    {d['platform']:<8} {d['signal']:<10} {d['detector']}: "
+                f"{d['value']:.4f} (before/alarm level {d['reference']:.4f}, window "
+                f"{d['window']}, after {d['events']:,} events)")
+    if kind == "reaction":
+        return (f"{t} reacted  {d['platform']:<8} {d['signal']:<10} "
+                f"{', '.join(d['actions']) or 'no action configured'}")
+    if kind == "window":
+        vals = "  ".join(f"{k} {v:.4f}" for k, v in sorted(d["values"].items()))
+        return f"{t} window   {d['platform']:<8} {d['events']:>8,} events  {vals}"
+    return raw.decode(errors="replace")
+
+
+def format_quality(raw: bytes) -> str:
+    d = json.loads(raw)
+
+    def f(x: float | None) -> str:
+        return "-" if x is None else f"{x:.3f}"
+
+    return (f"{_hhmmss(d['at'])} quality  {d['platform']:<8} {d['cohort']:<9} {d['scorer']} "
+            f"n={d['n']:<5} recall@10 {f(d['recall_at_10'])}  ndcg@10 {f(d['ndcg_at_10'])}  "
+            f"mrr {f(d['mrr'])}")
 
 
 def parse(topic_kind: str, raw: bytes) -> Recommendations | DeadLetter | dict:  # type: ignore[type-arg]

@@ -21,7 +21,8 @@ signal          value per step                           detector (why)
 
 The two distance signals are compared with their own noise: while the reference window
 fills, the monitor measures the distance between consecutive windows of the same,
-drift-free traffic and sets the alarm at ``k`` × that baseline (plus a floor). This
+drift-free traffic (windows disjoint from the reference, over ``calibration_checks``
+checks) and sets the alarm at ``k`` × the largest of them (plus a floor). This
 self-calibration is what keeps false alarms near zero on streams whose natural JS level
 depends on catalog size and traffic. (river's PageHinkley on the raw distance series was
 tried first: its default thresholds fire on the slow rise of JS as a window fills.)
@@ -41,20 +42,24 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DriftConfig", "Signal", "DriftMonitor", "PlatformMonitor", "js_divergence"]
+__all__ = ["DriftConfig", "Signal", "DriftMonitor", "PlatformMonitor", "js_divergence",
+           "ReactionConfig", "Reactions", "first_detection"]
 
 
 @dataclass
 class DriftConfig:
-    window: int = 1000  # events per platform in a distribution / centroid window
-    check_every: int = 100  # events between distance checks
-    k: float = 3.0  # alarm at k × the self-measured noise level of a distance
-    floor_js: float = 0.02
-    floor_centroid: float = 0.01
+    window: int = 300  # positives per platform in a distribution / centroid window
+    check_every: int = 50  # events between distance checks
+    k: float = 3.0  # alarm at k × the largest distance measured within one regime
+    k_centroid: float = 5.0  # the centroid distance wanders more (a few heavy items move it)
+    floor_js: float = 0.03
+    floor_centroid: float = 0.02
     adwin_delta: float = 1e-4
     adwin_clock: int = 32
     min_events: int = 2000  # per platform before any alarm (the reference must exist)
     cooldown: int = 2000  # events after an alarm before the same signal may fire again
+    calibration_checks: int = 10  # disjoint-window distances measured before alarms
+    persist: int = 3  # checks in a row above the level before a distance signal fires
     signals: tuple[str, ...] = ("hit", "labels", "popularity", "centroid")
 
 
@@ -100,10 +105,11 @@ class _Distance:
     k: float
     noise: list[float] = field(default_factory=list)
     last_fire: int = -(10**9)
+    above: int = 0  # consecutive checks above the level
 
     @property
     def level(self) -> float:
-        base = float(np.median(self.noise)) if self.noise else 0.0
+        base = float(np.max(self.noise)) if self.noise else 0.0
         return max(self.k * base, self.floor)
 
 
@@ -121,9 +127,11 @@ class PlatformMonitor:
         self.prev_items: Counter[str] | None = None
         self.prev_centroid: np.ndarray | None = None
         self.dist = {"popularity": _Distance(cfg.floor_js, cfg.k),
-                     "centroid": _Distance(cfg.floor_centroid, cfg.k)}
+                     "centroid": _Distance(cfg.floor_centroid, cfg.k_centroid)}
         self.pending_refresh: int | None = None  # refresh the reference at this count
         self.values: dict[str, float] = {}
+        self.pos = 0  # positives seen (windows are made of positives)
+        self.ref_pos = 0  # positives seen when the reference was taken
 
     # ---------------------------------------------------------------- inputs
     def observe(self, item: str, label: int, vec: np.ndarray | None, hit: int | None,
@@ -136,6 +144,7 @@ class PlatformMonitor:
         if hit is not None and "hit" in self.det:
             out += self._adwin_update("hit", float(hit), stream_index, now)
         if label:
+            self.pos += 1
             self.items.append(item)
             if vec is not None:
                 self.vecs.append(vec)
@@ -151,6 +160,8 @@ class PlatformMonitor:
         self.values[name] = float(d.estimation)
         if not d.drift_detected or self.n < self.cfg.min_events:
             return []
+        if name == "hit" and d.estimation >= before:
+            return []  # the model got better (it is learning): not a drift to react to
         if self.n - self.last_fire.get(name, -(10**9)) < self.cfg.cooldown:
             return []
         self.last_fire[name] = self.n
@@ -171,21 +182,23 @@ class PlatformMonitor:
         if len(self.items) < cfg.window:
             return []
         cur_items, cur_cen = self._window_stats()
-        if self.pending_refresh is not None and self.n >= self.pending_refresh:
+        if (self.pending_refresh is not None and self.n >= self.pending_refresh) or \
+                self.ref_items is None:
             self.ref_items, self.ref_centroid = cur_items, cur_cen
-            self.prev_items, self.prev_centroid = None, None
+            self.ref_pos = self.pos
             self.pending_refresh = None
             for d in self.dist.values():
                 d.noise = []
             return []
-        if self.ref_items is None:
-            self.ref_items, self.ref_centroid = cur_items, cur_cen
-            return []
+        if self.pos < self.ref_pos + cfg.window:
+            return []  # the window still overlaps the reference: distances mean nothing
         out = []
         vals = {"popularity": js_divergence(cur_items, self.ref_items)}
         if cur_cen is not None and self.ref_centroid is not None:
             vals["centroid"] = 1.0 - float(cur_cen @ self.ref_centroid)
-        calibrating = len(self.dist["popularity"].noise) < 5
+        # the first checks after the reference, on windows disjoint from it, measure the
+        # distance between two windows of one regime: the noise the alarm is set against
+        calibrating = len(self.dist["popularity"].noise) < cfg.calibration_checks
         for name, v in vals.items():
             if name not in cfg.signals:
                 continue
@@ -195,11 +208,13 @@ class PlatformMonitor:
                 # drift-free by assumption: the distance of windows of the same regime
                 d.noise.append(v)
                 continue
-            if v > d.level and self.n >= cfg.min_events and \
+            d.above = d.above + 1 if v > d.level else 0
+            if d.above >= cfg.persist and self.n >= cfg.min_events and \
                     self.n - d.last_fire >= cfg.cooldown:
                 d.last_fire = self.n
+                d.above = 0
                 self._schedule_refresh()
-                out.append(Signal(self.p, name, f"threshold {cfg.k:g}×noise", v, d.level,
+                out.append(Signal(self.p, name, f"threshold {d.k:g}×noise", v, d.level,
                                   cfg.window, self.n, stream_index, now))
         return out
 
@@ -209,11 +224,18 @@ class PlatformMonitor:
 
 
 class DriftMonitor:
-    """All platforms. Feed every interaction (and its prequential hit when ranked)."""
+    """All platforms. Feed every interaction (and its prequential hit when ranked).
+
+    Besides one monitor per platform, the hit signal of all platforms together goes to an
+    ``all`` monitor: a change that hits every platform (tastes moving) is seen three times
+    sooner in the pooled stream than in any one platform's."""
 
     def __init__(self, cfg: DriftConfig | None = None) -> None:
+        from dataclasses import replace
+
         self.cfg = cfg or DriftConfig()
         self.platforms: dict[str, PlatformMonitor] = {}
+        self.overall = PlatformMonitor("all", replace(self.cfg, signals=("hit",)))
         self.n = 0
         self.signals: list[Signal] = []
 
@@ -224,15 +246,81 @@ class DriftMonitor:
         if pm is None:
             pm = self.platforms[platform] = PlatformMonitor(platform, self.cfg)
         out = pm.observe(item, label, vec, hit, self.n, now)
+        if hit is not None and "hit" in self.cfg.signals:
+            self.overall.n += 1
+            out += self.overall._adwin_update("hit", float(hit), self.n, now)
         self.signals += out
         return out
 
     def values(self) -> dict[str, dict[str, float]]:
         return {p: {k: round(v, 6) for k, v in pm.values.items() if math.isfinite(v)}
-                for p, pm in self.platforms.items()}
+                for p, pm in [*self.platforms.items(), ("all", self.overall)] if pm.values}
 
 
 def first_detection(signals: Iterable[Signal], change_at: int) -> int | None:
     """Events from the change point to the first signal at or after it (None: missed)."""
     after = [s.stream_index - change_at for s in signals if s.stream_index >= change_at]
     return min(after) if after else None
+
+
+@dataclass
+class ReactionConfig:
+    """What the trainer does when drift is detected on a platform (per platform, in its
+    config file's ``drift:`` block; ``enabled: false`` is the off switch)."""
+
+    enabled: bool = True
+    lr_factor: float = 3.0  # learning rate × this ...
+    boost_examples: int = 3000  # ... for this many training examples
+    forget_replay: bool = True  # drop replayed examples of the old regime
+    reanchor_ema: bool = True  # the slow EMA the weights are pulled to restarts from now
+    reset_optimizer: bool = False  # forget Adam's moments (measured: slows recovery here)
+    signals: tuple[str, ...] = ("hit", "popularity", "centroid", "labels")
+
+
+class Reactions:
+    """Applies reactions to an :class:`models.trainer.OnlineTrainer`; one code path for the
+    worker's train agent and the benchmark."""
+
+    def __init__(self, trainer: Any, cfg: dict[str, ReactionConfig] | None = None,
+                 default: ReactionConfig | None = None) -> None:
+        self.trainer = trainer
+        self.cfg = cfg or {}
+        self.default = default or ReactionConfig()
+        self.base_lr = trainer.cfg.lr
+        self.boost_left = 0
+        self.log: list[dict[str, Any]] = []
+
+    def for_platform(self, p: str) -> ReactionConfig:
+        return self.cfg.get(p, self.default)
+
+    def react(self, platform: str, signal: str) -> dict[str, Any] | None:
+        rc = self.for_platform(platform)
+        if not rc.enabled or signal not in rc.signals:
+            return None
+        done = []
+        if rc.lr_factor != 1.0 and rc.boost_examples > 0:
+            self.trainer.set_lr(self.base_lr * rc.lr_factor)
+            self.boost_left = rc.boost_examples
+            done.append(f"lr×{rc.lr_factor:g} for {rc.boost_examples} examples")
+        if rc.forget_replay:
+            n = self.trainer.forget_replay()
+            done.append(f"replay buffer cleared ({n} old examples)")
+        if rc.reanchor_ema:
+            self.trainer.reanchor_ema()
+            done.append("EMA re-anchored")
+        if rc.reset_optimizer:
+            self.trainer.reset_optimizer()
+            done.append("optimizer reset")
+        entry = {"platform": platform, "signal": signal, "actions": done}
+        self.log.append(entry)
+        return entry
+
+    def tick(self, examples: int) -> bool:
+        """After learning ``examples``: end the boost when it ran out. True when it ended."""
+        if self.boost_left <= 0:
+            return False
+        self.boost_left -= examples
+        if self.boost_left <= 0:
+            self.trainer.set_lr(self.base_lr)
+            return True
+        return False

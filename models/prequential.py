@@ -247,6 +247,10 @@ class Prequential:
         self.events = 0
         self.evaluated = 0
         self._uid: dict[str, int] = {}
+        #: called after each batch is ranked, before anything learns from it:
+        #: observer(batch, queries, {method: [rank or None per query]})
+        self.observers: list[Callable[[list[Event], list[Query], dict[str, list[float | None]]],
+                                      None]] = []
 
     def _build(self, total: int | None) -> None:
         cfg, t = self.cfg, self.table
@@ -304,11 +308,17 @@ class Prequential:
         for q in qs:
             by_plat.setdefault(q.platform, []).append(q)
         self.evaluated += sum(q.rank_eval for q in qs)
+        ranks: dict[str, list[float | None]] = {}
+        pos = {id(q): i for i, q in enumerate(qs)}
         for m in self.methods:
+            mr: list[float | None] = [None] * len(qs)
+            ranks[m.name] = mr
             for p, pq in by_plat.items():
                 s = m.scores(pq, p)
                 for r, q in enumerate(pq):
                     rank, n = rank_of(s[r], q.local, q.seen)
+                    if q.rank_eval:
+                        mr[pos[id(q)]] = rank
                     groups = ("all", f"platform:{p}") + (("coldstart",) if q.coldstart else ())
                     pct = 1.0 - rank / max(n - 1, 1)
                     for grp in groups:
@@ -316,6 +326,9 @@ class Prequential:
                             pct, q.label)
                         if q.rank_eval:
                             self.ranking.setdefault((m.name, grp), RankingStats()).add(rank)
+        for obs in self.observers:
+            obs(batch, qs, ranks)
+        for m in self.methods:
             m.learn(qs, batch)
 
     # ---------------------------------------------------------------- results

@@ -110,6 +110,20 @@ class OnlineTrainer:
                 self._ema[n] = p.detach().clone()
         return self._opt
 
+    def forget_replay(self) -> int:
+        """Drop the replay buffer (examples of a regime that drift says is over)."""
+        n = len(self.buffer)
+        self.buffer = []
+        return n
+
+    def reanchor_ema(self) -> None:
+        """Restart the slow EMA from the current weights, so the pull that protects against
+        forgetting does not drag the model back to the old regime."""
+        with torch.no_grad():
+            for n, p in self.model.named_parameters():
+                if n in self._ema:
+                    self._ema[n].copy_(p)
+
     def reset_optimizer(self) -> None:
         self._opt = None
         self._opt_params = set()

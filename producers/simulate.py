@@ -27,7 +27,7 @@ import numpy as np
 
 from producers.themes import THEMES
 
-__all__ = ["SimConfig", "simulate", "MALFORMED_KINDS"]
+__all__ = ["SimConfig", "simulate", "MALFORMED_KINDS", "parse_drift", "Drift", "DRIFT_KINDS"]
 
 PLATFORMS = ("shop", "video", "music")
 #: malformed kind → the dead-letter code the worker must give it
@@ -60,8 +60,42 @@ class SimConfig:
     end_time: float | None = None  # default: now
     shared_identity: float = 0.8  # share of users whose events carry the account id
     noise: float = 0.1  # share of off-theme actions
-    drift: list[str] = field(default_factory=list)  # reserved for drift scenarios
+    #: drift scenarios with ground truth, e.g. ["interest@15000", "labels@0.5:video"]
+    drift: list[str] = field(default_factory=list)
 
+
+DRIFT_KINDS = ("interest", "catalog", "labels")
+
+
+@dataclass
+class Drift:
+    """One injected change. ``at`` = index of the first changed event (valid events, in
+    time order: the same numbering as the replayed stream without malformed lines)."""
+
+    kind: str
+    at: int
+    platform: str | None = None
+
+
+def parse_drift(spec: str, events: int) -> Drift:
+    """``interest@T``, ``catalog@T``, ``labels@T[:platform]``; T an event index or a fraction."""
+    kind, sep, rest = spec.partition("@")
+    if kind not in DRIFT_KINDS or not sep:
+        raise ValueError(f"drift {spec!r}: expected KIND@T with KIND one of "
+                         f"{', '.join(DRIFT_KINDS)} (e.g. interest@15000, labels@0.5:video)")
+    at_s, _, plat = rest.partition(":")
+    try:
+        at_f = float(at_s)
+    except ValueError:
+        raise ValueError(f"drift {spec!r}: T must be an event index or a fraction") from None
+    at = int(at_f * events) if 0 < at_f < 1 else int(at_f)
+    if not 0 < at < events:
+        raise ValueError(f"drift {spec!r}: T={at} is outside the stream (0, {events})")
+    if plat and plat not in PLATFORMS:
+        raise ValueError(f"drift {spec!r}: unknown platform {plat!r}")
+    if plat and kind != "labels":
+        raise ValueError(f"drift {spec!r}: only labels drift takes a platform")
+    return Drift(kind, at, plat or ("video" if kind == "labels" else None))
 
 def _catalog(rng: np.random.Generator, n_per_theme: int) -> dict[str, list[dict[str, Any]]]:
     cat: dict[str, list[dict[str, Any]]] = {p: [] for p in PLATFORMS}
@@ -92,6 +126,35 @@ def _catalog(rng: np.random.Generator, n_per_theme: int) -> dict[str, list[dict[
     return cat
 
 
+FAMILY = {
+    "shop": ("Aurora {n} smart lantern", "lighting", "Aurora Labs"),
+    "video": ("Aurora Chronicles episode {n}", "anthology", "glowing northern lights saga"),
+    "music": ("Aurora Drift {n}", "aurora wave", "Northern Choir"),
+}
+
+
+def _family(rng: np.random.Generator, n: int, n_themes: int) -> dict[str, list[dict[str, Any]]]:
+    """A new item family (ids after the regular catalog) for the catalog drift."""
+    out: dict[str, list[dict[str, Any]]] = {p: [] for p in PLATFORMS}
+    for j in range(n):
+        k = n_themes * n + j
+        out["shop"].append({"sku": f"sku-{k:05d}", "title": FAMILY["shop"][0].format(n=j + 1),
+                            "category": FAMILY["shop"][1], "brand": FAMILY["shop"][2],
+                            "price": round(float(rng.lognormal(3.3, 0.8)), 2),
+                            "_theme": "aurora"})
+        out["video"].append({"video_id": f"vid-{k:05d}",
+                             "title": FAMILY["video"][0].format(n=j + 1),
+                             "genres": FAMILY["video"][1], "synopsis": FAMILY["video"][2],
+                             "year": 2026, "_duration": 2700.0, "_theme": "aurora"})
+        out["music"].append({"track_id": f"trk-{k:05d}",
+                             "track": FAMILY["music"][0].format(n=j + 1),
+                             "artist": FAMILY["music"][2], "album": "Aurora",
+                             "tags": FAMILY["music"][1],
+                             "_len_ms": int(rng.integers(120_000, 360_000)),
+                             "_theme": "aurora"})
+    return out
+
+
 def _roman(n: int) -> str:
     return ["", "I", "II", "III", "IV", "V", "VI", "VII", "VIII", "IX", "X"][n] if n <= 10 \
         else str(n)
@@ -108,13 +171,23 @@ def simulate(cfg: SimConfig, out: Path) -> dict[str, Any]:
     themes = list(THEMES)
     n_t = len(themes)
     n_users = cfg.users or max(50, cfg.events // 40)
+    drifts = [parse_drift(d, cfg.events) for d in cfg.drift]
     catalog = _catalog(rng, cfg.items_per_theme)
     by_theme = {p: {t: [it for it in catalog[p] if it["_theme"] == t] for t in themes}
                 for p in PLATFORMS}
+    # drift randomness has its own generator: a stream without drift is unchanged
+    drng = np.random.default_rng(cfg.seed + 7919)
+    family: dict[str, list[dict[str, Any]]] = {}
+    if any(d.kind == "catalog" for d in drifts):
+        family = _family(drng, cfg.items_per_theme, len(themes))
+        for p in PLATFORMS:
+            catalog[p] += family[p]
     zipf = np.array([1.0 / (r + 1) ** 1.1 for r in range(cfg.items_per_theme)])
     zipf /= zipf.sum()
 
     interests = rng.dirichlet(np.full(n_t, 0.25), size=n_users)
+    interests_after = drng.dirichlet(np.full(n_t, 0.25), size=n_users)
+    at = {d.kind: d for d in drifts}
     activity = rng.lognormal(0, 1.0, size=n_users)
     activity /= activity.sum()
     member = rng.random((n_users, len(PLATFORMS))) < 0.7
@@ -136,10 +209,18 @@ def simulate(cfg: SimConfig, out: Path) -> dict[str, Any]:
             plats = [p for i, p in enumerate(PLATFORMS) if member[u, i]]
             p = plats[int(rng.integers(len(plats)))]
             on_theme = rng.random() >= cfg.noise
-            theme = themes[int(rng.choice(n_t, p=interests[u]))] if on_theme \
+            moved = "interest" in at and n >= at["interest"].at
+            tastes = interests_after if moved else interests
+            theme = themes[int(rng.choice(n_t, p=tastes[u]))] if on_theme \
                 else themes[int(rng.integers(n_t))]
             item = by_theme[p][theme][int(rng.choice(cfg.items_per_theme, p=zipf))]
-            liked = interests[u, themes.index(theme)] > 0.15
+            liked = tastes[u, themes.index(theme)] > 0.15
+            if "catalog" in at and n >= at["catalog"].at and drng.random() < 0.6:
+                item = family[p][int(drng.choice(cfg.items_per_theme, p=zipf))]
+                liked = drng.random() < 0.85  # the new family is what people want now
+            if "labels" in at and n >= at["labels"].at and p == at["labels"].platform \
+                    and liked and drng.random() < 0.8:
+                liked = False  # e.g. a UI change: far fewer completions / purchases
             ev = _event(rng, p, n, u, item, liked, float(times[n]), bool(shared[u]))
             files[p].write(json.dumps(ev, separators=(",", ":")).encode() + b"\n")
             counts[p] += 1
@@ -187,6 +268,7 @@ def simulate(cfg: SimConfig, out: Path) -> dict[str, Any]:
         "items": {p: len(catalog[p]) for p in PLATFORMS},
         "themes": themes,
         "time_range": [start, end],
+        "drift": [{"kind": d.kind, "at_event": d.at, "platform": d.platform} for d in drifts],
         "files": {
             "events": {p: f"{p}.events.jsonl" for p in PLATFORMS},
             "catalog": {p: f"{p}.catalog.jsonl" for p in PLATFORMS},

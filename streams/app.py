@@ -37,11 +37,20 @@ import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from pydantic import ValidationError
 
+from models.drift import DriftMonitor, ReactionConfig, Reactions
 from streams.catalog import parse_catalog_record
 from streams.heads import ModelServer, TrainerService, examples_from
 from streams.normalize import Normalizer
 from streams.platforms import PlatformRegistry, load_platforms
-from streams.records import CatalogItem, DeadLetter, Interaction, TrainingExample
+from streams.records import (
+    CatalogItem,
+    DeadLetter,
+    DriftReaction,
+    DriftSignal,
+    DriftWindow,
+    Interaction,
+    TrainingExample,
+)
 from streams.settings import Settings
 from streams.state import RedisState, redis_from_url
 from streams.topics import Topics
@@ -184,12 +193,15 @@ def create_app(settings: Settings, platforms: PlatformRegistry | None = None,
                 now = time.time()
                 batch_stats["lag_ms"].extend((now - ev.produced_at) * 1000 for _, ev in batch)
                 result = await state.apply(batch, history=settings.hist_len if use_model else 0)
+                ranks: list[float | None] = [None] * len(result.applied_events)
                 if server is not None and server.ready:
-                    server.evaluate(result.applied_events,
-                                    {k: t.seen_before for k, t in result.touched.items()})
+                    ranks = server.evaluate(result.applied_events,
+                                            {k: t.seen_before for k, t in result.touched.items()})
                     recs = await state.recommend_model(server, result)
                 else:
                     recs = await state.recommend(result.touched)
+                if monitor is not None:
+                    await watch_drift(result.applied_events, ranks)
                 if use_model:
                     for ex in examples_from(result.applied_events, time.time()):
                         await publish(topics.train_examples, ex.user.encode(),
@@ -238,11 +250,82 @@ def create_app(settings: Settings, platforms: PlatformRegistry | None = None,
             for w in server.quality_windows():
                 await publish(topics.quality, w.platform.encode(), w.model_dump_json().encode())
 
+    monitor: DriftMonitor | None = None
+    if settings.drift_enabled and "recommend" in wanted:
+        monitor = DriftMonitor(settings.drift_config())
+        worker_name = str(os.getpid())
+
+        async def watch_drift(applied: list[tuple[Interaction, Any]],
+                              ranks: list[float | None]) -> None:
+            """Feed the monitor; publish signals; ask the train agent to react."""
+            assert monitor is not None
+            for (ev, _), rank in zip(applied, ranks, strict=True):
+                idx = vectors.index.get(ev.platform) if vectors is not None else None
+                vec = idx.vector(ev.item) if idx is not None else None
+                hit = None if rank is None else int(rank < 10)
+                for sig in monitor.observe(ev.platform, ev.item, ev.label, vec, hit,
+                                           now=time.time()):
+                    rec = DriftSignal(platform=sig.platform, signal=sig.signal,
+                                      detector=sig.detector, value=round(sig.value, 6),
+                                      reference=round(sig.reference, 6), window=sig.window,
+                                      events=sig.event_index, worker=worker_name,
+                                      time=sig.time)
+                    log.warning("drift on %s: %s (%s) %.4f vs %.4f", sig.platform,
+                                sig.signal, sig.detector, sig.value, sig.reference)
+                    await publish(topics.drift, sig.platform.encode(),
+                                  rec.model_dump_json().encode())
+                    await state._count(f"drift:{sig.signal}")
+                    if settings.drift_reactions:
+                        await state._retry("drift reaction", lambda rec=rec: redis.rpush(
+                            state.k("drift", "reactions"), rec.model_dump_json()))
+
+        @app.timer(settings.quality_window_s)
+        async def drift_windows() -> None:
+            assert monitor is not None
+            now = time.time()
+            for p, vals in monitor.values().items():
+                w = DriftWindow(platform=p, values=vals, events=monitor.platforms[p].n,
+                                worker=worker_name, time=now)
+                await publish(topics.drift, p.encode(), w.model_dump_json().encode())
+
     if use_model and "train" in wanted:
         assert vectors is not None
         trainer = TrainerService(settings, vectors, list(platforms))
         train_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xrec-train")
         train_topic = app.topic(topics.train_examples, **raw)
+
+        reactions: Reactions | None = None
+
+        async def react_to_drift() -> None:
+            """Apply the reactions the recommenders asked for (platform config decides)."""
+            nonlocal reactions
+            if reactions is None and trainer.trainer is not None:
+                reactions = Reactions(trainer.trainer, {
+                    p.name: ReactionConfig(
+                        enabled=p.drift.reactions and settings.drift_reactions,
+                        lr_factor=p.drift.lr_factor, boost_examples=p.drift.boost_examples,
+                        forget_replay=p.drift.forget_replay, reanchor_ema=p.drift.reanchor_ema,
+                        reset_optimizer=p.drift.reset_optimizer,
+                        signals=tuple(p.drift.signals)) for p in platforms.values()})
+            if reactions is None:
+                return
+            key = state.k("drift", "reactions")
+            while True:
+                raw = await state._retry("drift reactions", lambda: redis.lpop(key))
+                if raw is None:
+                    return
+                try:
+                    sig = DriftSignal.model_validate_json(raw)
+                except ValidationError:
+                    continue
+                done = reactions.react(sig.platform, sig.signal)
+                if done is None:
+                    continue
+                log.warning("drift reaction on %s (%s): %s", sig.platform, sig.signal,
+                            ", ".join(done["actions"]) or "nothing")
+                rec = DriftReaction(platform=sig.platform, signal=sig.signal,
+                                    actions=done["actions"], time=time.time())
+                await publish(topics.drift, sig.platform.encode(), rec.model_dump_json().encode())
 
         @app.agent(train_topic, name="xrec.train")
         async def train(stream: Any) -> None:
@@ -260,7 +343,10 @@ def create_app(settings: Settings, platforms: PlatformRegistry | None = None,
                         log.warning("bad training example skipped: %s", str(exc)[:200])
                 if not recs:
                     continue
+                await react_to_drift()
                 steps = await loop.run_in_executor(train_pool, trainer.learn, recs)
+                if reactions is not None and reactions.tick(len(recs)):
+                    log.info("drift reaction: learning rate back to %g", reactions.base_lr)
                 if not steps:
                     continue
                 blob = await loop.run_in_executor(train_pool, trainer.blob)

@@ -242,34 +242,39 @@ class ModelServer:
 
     # ------------------------------------------------------------ prequential
     def evaluate(self, applied: Sequence[tuple[Any, list[tuple[str, str, int, float]]]],
-                 seen_before: dict[tuple[str, str], list[str]]) -> int:
-        """Rank each applied positive with the served model before it learns from it."""
+                 seen_before: dict[tuple[str, str], list[str]]) -> list[float | None]:
+        """Rank each applied positive with the served model before it learns from it.
+
+        Returns, per applied event, its rank (0 = top) or None (not ranked: a negative, an
+        item the user already had, or one outside the catalog)."""
         t = self.tables.table
         seen = {k: set(v) for k, v in seen_before.items()}
         reqs, meta = [], []
-        for ev, hist in applied:
+        out: list[float | None] = [None] * len(applied)
+        for n, (ev, hist) in enumerate(applied):
             s = seen.setdefault((ev.user, ev.platform), set())
             if ev.label == 1 and ev.item not in s:
                 cold = not s and any(p != ev.platform for p, _, _, _ in hist)
                 reqs.append((hist, ev.platform, ev.event_time))
-                meta.append((ev, set(s), cold))
+                meta.append((n, ev, set(s), cold))
             s.add(ev.item)
         if not reqs:
-            return 0
+            return out
         for _p, (rows, scores, idx) in self.score(reqs).items():
             local = {int(g): j for j, g in enumerate(rows)}
-            for r, n in enumerate(idx):
-                ev, s, cold = meta[n]
+            for r, k in enumerate(idx):
+                n, ev, s, cold = meta[k]
                 target = local.get(t.gid.get((ev.platform, ev.item), -1))
                 if target is None:
                     continue  # not in the catalog (no vector): not rankable
                 excl = [local[g] for g in (t.gid.get((ev.platform, i)) for i in s)
                         if g is not None and g in local]
                 rank, _ = rank_of(scores[r], target, np.asarray(excl, dtype=np.int64))
+                out[n] = rank
                 for key in ((ev.platform, "all"), ("all", "all")) + (
                         ((ev.platform, "coldstart"), ("all", "coldstart")) if cold else ()):
                     self.quality.setdefault(key, RankingStats()).add(rank)
-        return len(reqs)
+        return out
 
     def quality_windows(self) -> list[QualityWindow]:
         now = time.time()

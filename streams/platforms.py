@@ -174,6 +174,22 @@ class IdentitySpec(BaseModel):
     namespace: str = Field("account", description="namespace of the shared identity")
 
 
+class DriftSpec(BaseModel):
+    """What the trainer does when drift is detected on this platform (models/drift.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reactions: bool = Field(True, description="off switch for this platform's reactions")
+    lr_factor: float = Field(3.0, ge=1.0, le=100.0, description="learning rate × this ...")
+    boost_examples: int = Field(3000, ge=0, description="... for this many examples")
+    forget_replay: bool = Field(True, description="drop replayed examples of the old regime")
+    reanchor_ema: bool = Field(True, description="restart the anti-forgetting EMA from now")
+    reset_optimizer: bool = False
+    signals: list[Literal["hit", "labels", "popularity", "centroid"]] = Field(
+        default_factory=lambda: ["hit", "labels", "popularity", "centroid"],
+        description="signals that trigger the reactions")
+
+
 class Platform(BaseModel):
     """One platform, validated from its config file, with its generated record models."""
 
@@ -184,6 +200,7 @@ class Platform(BaseModel):
     identity: IdentitySpec
     event: EventSpec
     catalog: CatalogSpec
+    drift: DriftSpec = Field(default_factory=DriftSpec)
     source: str = Field("", description="file it was loaded from")
 
     event_model: Any = None

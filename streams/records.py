@@ -11,7 +11,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = ["Interaction", "RecItem", "Recommendations", "DeadLetter", "CatalogItem",
-           "TrainingExample", "HeadVersion", "QualityWindow"]
+           "TrainingExample", "HeadVersion", "QualityWindow", "DriftSignal", "DriftReaction",
+           "DriftWindow"]
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
@@ -136,3 +137,45 @@ class QualityWindow(BaseModel):
     ndcg_at_10: float | None
     mrr: float | None
     at: float
+
+
+class DriftSignal(BaseModel):
+    """On ``xrec.metrics.drift`` when a detector fires (``kind`` = "signal")."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["signal"] = "signal"
+    platform: str
+    signal: str = Field(description="hit | labels | popularity | centroid")
+    detector: str
+    value: float = Field(description="the signal's value when it fired")
+    reference: float = Field(description="its level before (ADWIN) or the alarm level")
+    window: int = Field(description="events the value covers")
+    events: int = Field(description="events of the platform this monitor had seen")
+    worker: str
+    time: float
+
+
+class DriftReaction(BaseModel):
+    """On ``xrec.metrics.drift`` when the train agent reacted to a signal."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["reaction"] = "reaction"
+    platform: str
+    signal: str
+    actions: list[str]
+    time: float
+
+
+class DriftWindow(BaseModel):
+    """On ``xrec.metrics.drift`` periodically: each platform's current signal values."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["window"] = "window"
+    platform: str
+    values: dict[str, float]
+    events: int
+    worker: str
+    time: float

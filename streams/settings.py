@@ -104,6 +104,17 @@ class Settings(BaseSettings):
                                "head version")
     quality_window_s: float = Field(10.0, gt=0, description="xrec.metrics.quality period")
 
+    # --- drift (models/drift.py) ---------------------------------------------------------
+    drift_enabled: bool = Field(True, description="run the drift monitor in recommend workers")
+    drift_reactions: bool = Field(True, description="global off switch for drift reactions "
+                                  "(per platform: the `drift:` block of its config file)")
+    drift_window: int = Field(1000, ge=10, description="events per distance window")
+    drift_check_every: int = Field(100, ge=1)
+    drift_min_events: int = Field(2000, ge=0, description="events per platform before alarms")
+    drift_cooldown: int = Field(2000, ge=0, description="events before a signal may fire again")
+    drift_delta: float = Field(1e-4, gt=0, lt=1, description="ADWIN confidence (smaller: "
+                               "fewer false alarms, later detection)")
+
     # --- worker ---------------------------------------------------------------------
     agents: str = Field("all", description="comma list of agents this worker runs, or 'all'")
     web_port: int = Field(0, ge=0, le=65535, description="0 = worker web server off")
@@ -150,6 +161,13 @@ class Settings(BaseSettings):
         if self.encoder_cache_dir:
             cfg.cache_dir = Path(self.encoder_cache_dir)
         return cfg
+
+    def drift_config(self):  # type: ignore[no-untyped-def]
+        from models.drift import DriftConfig
+
+        return DriftConfig(window=self.drift_window, check_every=self.drift_check_every,
+                           min_events=self.drift_min_events, cooldown=self.drift_cooldown,
+                           adwin_delta=self.drift_delta)
 
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"

@@ -4,6 +4,7 @@ examples and quality windows on their topics."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -13,7 +14,15 @@ from producers.replay import Replayer, Source
 from producers.simulate import SimConfig, simulate
 from streams.heads import load_blob
 from streams.platforms import load_platforms
-from streams.records import HeadVersion, QualityWindow, Recommendations, TrainingExample
+from streams.records import (
+    DriftReaction,
+    DriftSignal,
+    DriftWindow,
+    HeadVersion,
+    QualityWindow,
+    Recommendations,
+    TrainingExample,
+)
 from streams.topics import Topics
 from tests.conftest import create_all_topics, make_settings
 from tests.kafka_util import read_all
@@ -87,3 +96,45 @@ def test_train_agent_in_its_own_worker_and_hot_swap_under_load(stack, ns, worker
     q = [QualityWindow.model_validate_json(v) for _, v in read_all(stack.bootstrap, t.quality)]
     assert any(w.platform == "all" and w.cohort == "all" and w.n > 0 for w in q)
     assert all(w.recall_at_10 is None or 0 <= w.recall_at_10 <= 1 for w in q)
+
+
+def test_injected_drift_reaches_the_drift_topic_and_the_trainer_reacts(stack, ns,
+                                                                      worker_factory, tmp_path):
+    d = tmp_path / "sim"
+    man = simulate(SimConfig(events=2400, users=60, seed=9, drift=["labels@1200:video"]), d)
+    s = make_settings(stack, ns, platforms_path="", drift_window=100, drift_check_every=20,
+                      drift_min_events=200, drift_cooldown=300, drift_delta=0.01,
+                      quality_window_s=1.0,
+                      train_batch_within_s=0.1)
+    t = Topics(s)
+    reg = load_platforms("")
+    create_all_topics(s)
+    worker_factory(s)
+    rep = Replayer(stack.bootstrap)
+    rep.replay([Source(d / f, t.catalog(p)) for p, f in man["files"]["catalog"].items()],
+               progress=False)
+    r = redis_sync.Redis.from_url(stack.redis_url, decode_responses=True)
+    wait_for(lambda: int(r.hget(f"{ns}:stats", "catalog_encoded") or 0) >= 3 * 360,
+             what="catalog encoded")
+    rep.replay([Source(d / f, t.events(p), reg[p]) for p, f in man["files"]["events"].items()],
+               rate=400, progress=False)
+    rep.close()
+    wait_for(lambda: int(r.hget(f"{ns}:stats", "events_applied") or 0) >= man["valid_events"],
+             what="every event applied")
+
+    def records():
+        return [json.loads(v) for _, v in read_all(stack.bootstrap, t.drift)]
+
+    def labels_signal():
+        return [x for x in records() if x["kind"] == "signal" and x["platform"] == "video"
+                and x["signal"] == "labels"]
+
+    sig = DriftSignal.model_validate(wait_for(labels_signal, what="a labels drift signal")[0])
+    assert sig.detector == "ADWIN" and sig.value < sig.reference  # the positive rate fell
+    assert sig.events >= 200
+    reacted = wait_for(lambda: [x for x in records() if x["kind"] == "reaction"],
+                       what="the train agent's reaction")
+    rx = DriftReaction.model_validate(reacted[0])
+    assert "EMA re-anchored" in rx.actions and any(a.startswith("lr×") for a in rx.actions)
+    windows = [DriftWindow.model_validate(x) for x in records() if x["kind"] == "window"]
+    assert any(w.platform == "video" and "labels" in w.values for w in windows)

@@ -122,3 +122,15 @@ def test_gap_buckets_and_history_padding():
     assert h.label[0, :2].tolist() == [1, 0]
     assert h.gap[0, 0] == 3 and h.gap[0, 1] == 6  # log2(10) → 3, log2(100) → 6
     assert math.isfinite(float(h.gap.max()))
+
+
+def test_drift_reactions_on_a_real_trainer():
+    m, t, tr = trained(5, steps=3)
+    assert tr.forget_replay() == 3 * 32 and tr.buffer == []
+    with torch.no_grad():
+        m.query["b"].weight.add_(1.0)
+    tr.reanchor_ema()
+    assert torch.equal(tr._ema["query.b.weight"], m.query["b"].weight)
+    tr.set_lr(0.5)
+    tr.learn(pair_examples(t, 8))
+    assert all(g["lr"] == 0.5 for opt in tr._opt for g in opt.param_groups)

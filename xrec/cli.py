@@ -240,9 +240,15 @@ def platforms(as_json: bool) -> None:
 @click.option("--seed", default=7, show_default=True)
 @click.option("--span-hours", default=24.0, show_default=True,
               help="event times spread over the last N hours")
+@click.option("--drift", "drift", multiple=True, metavar="KIND@T",
+              help="inject a change at event T (an index, or a fraction like 0.5): "
+                   "interest@T (users' tastes move), catalog@T (a new item family takes "
+                   "over), labels@T[:platform] (a platform's positive rate drops; default "
+                   "video). Ground truth goes to manifest.json")
 @click.option("--json", "as_json", is_flag=True, help="print the manifest as JSON")
 def simulate(out: Path, events: int, users: int | None, items_per_theme: int, malformed: float,
-             ingest_events: int, seed: int, span_hours: float, as_json: bool) -> None:
+             ingest_events: int, seed: int, span_hours: float, drift: tuple[str, ...],
+             as_json: bool) -> None:
     """Write a synthetic three-platform event log and catalogs (shop, video, music).
 
     Users share latent interests across platforms (a space fan buys telescopes, watches
@@ -252,14 +258,20 @@ def simulate(out: Path, events: int, users: int | None, items_per_theme: int, ma
     from producers.simulate import SimConfig
     from producers.simulate import simulate as run
 
-    m = run(SimConfig(events=events, users=users, items_per_theme=items_per_theme,
-                      malformed=malformed, ingest_events=ingest_events, seed=seed,
-                      span_s=span_hours * 3600), out)
+    try:
+        m = run(SimConfig(events=events, users=users, items_per_theme=items_per_theme,
+                          malformed=malformed, ingest_events=ingest_events, seed=seed,
+                          span_s=span_hours * 3600, drift=list(drift)), out)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     if as_json:
         click.echo(json.dumps(m))
     else:
         click.echo(f"wrote {m['events']:,} events ({m['malformed']} malformed) for "
                    f"{m['users']:,} users and {sum(m['items'].values()):,} items to {out}/")
+        for d in m["drift"]:
+            click.echo(f"  drift: {d['kind']} from valid event {d['at_event']:,}"
+                       + (f" on {d['platform']}" if d["kind"] == "labels" else ""))
         for p, f in m["files"]["events"].items():
             click.echo(f"  xrec catalog {out / m['files']['catalog'][p]} --platform {p}")
             click.echo(f"  xrec replay  {out / f} --platform {p}")
@@ -328,8 +340,16 @@ def catalog(file: Path, platform: str, progress: bool | None) -> None:
 @click.option("--idle-exit", type=float, default=None, help="stop after N idle seconds")
 def tail(what: str, user: str | None, as_json: bool, from_beginning: bool, limit: int | None,
          idle_exit: float | None) -> None:
-    """Follow recommendations of a PLATFORM (or WHAT = deadletter) as they are published."""
-    from consumers.tail import follow, format_deadletter, format_recs
+    """Follow what xrec publishes: WHAT = a PLATFORM (its recommendations), deadletter,
+    drift (signals, reactions, windows of xrec.metrics.drift) or quality (prequential
+    windows of xrec.metrics.quality)."""
+    from consumers.tail import (
+        follow,
+        format_deadletter,
+        format_drift,
+        format_quality,
+        format_recs,
+    )
     from streams.records import DeadLetter, Recommendations
     from streams.topics import Topics
 
@@ -337,6 +357,8 @@ def tail(what: str, user: str | None, as_json: bool, from_beginning: bool, limit
     t = Topics(s)
     if what == "deadletter":
         topic, kind = t.deadletter, "deadletter"
+    elif what in ("drift", "quality"):
+        topic, kind = (t.drift if what == "drift" else t.quality), what
     else:
         topic, kind = t.recs(_platforms(s).require(what).name), "recs"
     titles = None
@@ -353,6 +375,10 @@ def tail(what: str, user: str | None, as_json: bool, from_beginning: bool, limit
             if user and rec.user != user:
                 continue
             click.echo(raw.decode() if as_json else format_recs(rec, titles))
+        elif kind == "drift":
+            click.echo(raw.decode() if as_json else format_drift(raw))
+        elif kind == "quality":
+            click.echo(raw.decode() if as_json else format_quality(raw))
         else:
             d = DeadLetter.model_validate_json(raw)
             click.echo(raw.decode() if as_json else format_deadletter(d))

@@ -177,10 +177,11 @@ def _movielens_files(work: Path, say: Callable[[str], None]) -> tuple[Path, Path
     return events, catalog
 
 
-def _synthetic_files(work: Path, events: int, seed: int) -> tuple[list, list]:
+def _synthetic_files(work: Path, events: int, seed: int, drift: Sequence[str] = ()
+                     ) -> tuple[list, list]:
     from producers.simulate import SimConfig, simulate
 
-    m = simulate(SimConfig(events=events, seed=seed), work)
+    m = simulate(SimConfig(events=events, seed=seed, drift=list(drift)), work)
     ev = [(p, work / f) for p, f in m["files"]["events"].items()]
     cat = [(p, work / f) for p, f in m["files"]["catalog"].items()]
     return ev, cat
@@ -189,7 +190,9 @@ def _synthetic_files(work: Path, events: int, seed: int) -> tuple[list, list]:
 def run_eval(settings: Settings, platforms: PlatformRegistry, *, dataset: str | None,
              events: Sequence[str] = (), catalogs: Sequence[str] = (), sim_events: int = 30000,
              seed: int = 7, cfg: EvalConfig | None = None, limit: int | None = None,
-             say: Callable[[str], None] = print, progress: bool = False) -> dict[str, Any]:
+             say: Callable[[str], None] = print, progress: bool = False,
+             sim_drift: Sequence[str] = (),
+             setup: Callable[[Prequential], None] | None = None) -> dict[str, Any]:
     """Run the evaluation; returns the full report (the CLI prints a table and the JSON)."""
     t_start = time.perf_counter()
     cfg = cfg or EvalConfig()
@@ -200,7 +203,7 @@ def run_eval(settings: Settings, platforms: PlatformRegistry, *, dataset: str | 
             ev_path, cat_path = _movielens_files(work, say)
             ev_files, cat_files = [("video", ev_path)], [("video", cat_path)]
         elif dataset == "synthetic":
-            ev_files, cat_files = _synthetic_files(work, sim_events, seed)
+            ev_files, cat_files = _synthetic_files(work, sim_events, seed, sim_drift)
         elif dataset is None:
             ev_files = [split_spec(e, platforms, "events") for e in events]
             cat_files = [split_spec(c, platforms, "catalog") for c in catalogs]
@@ -219,6 +222,8 @@ def run_eval(settings: Settings, platforms: PlatformRegistry, *, dataset: str | 
     catalog = _encode(settings, texts, say)
     say(f"prequential run: {', '.join(cfg.methods)}; micro-batches of {cfg.batch}")
     pq = Prequential(catalog, cfg)
+    if setup is not None:
+        setup(pq)
     t0 = time.perf_counter()
     last = [0.0]
 
