@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 from pydantic import SecretStr  # noqa: E402
 
-from models.drift import DriftConfig, DriftMonitor, Reactions  # noqa: E402
+from models.drift import DriftConfig, DriftMonitor, ReactionConfig, Reactions  # noqa: E402
 from models.prequential import EvalConfig, Prequential  # noqa: E402
 from streams.platforms import load_platforms  # noqa: E402
 from streams.settings import Settings  # noqa: E402
@@ -43,8 +43,11 @@ SCENARIOS = ("interest", "catalog", "labels")
 class Recorder:
     """Observes the prequential stream: feeds the monitor, reacts, records signals."""
 
-    def __init__(self, monitor: DriftMonitor, react: bool) -> None:
+    def __init__(self, monitor: DriftMonitor, react: bool,
+                 rcfg: ReactionConfig | None = None) -> None:
         self.monitor, self.react = monitor, react
+        self.rcfg = rcfg or ReactionConfig()
+        self.now = 0.0
         self.pq: Prequential | None = None
         self.reactions: Reactions | None = None
         self.idx = 0
@@ -56,11 +59,19 @@ class Recorder:
         assert self.pq is not None
         if self.reactions is None:
             model = next(m for m in self.pq.methods if m.name == "xrec")
-            self.reactions = Reactions(model.trainer)  # type: ignore[attr-defined]
+
+            def horizon(platform: str, seconds: float) -> None:
+                old = model.horizon  # type: ignore[attr-defined]
+                start = old[0] if old is not None and old[1] > self.now else self.now
+                model.horizon = (start, self.now + seconds)  # type: ignore[attr-defined]
+
+            self.reactions = Reactions(model.trainer, default=self.rcfg,  # type: ignore[attr-defined]
+                                       horizon=horizon)
         self.reactions.tick(self.pending)
         self.pending = sum(1 for q in qs if q.label)
         t = self.pq.table
         for ev, q, rank in zip(batch, qs, ranks["xrec"], strict=True):
+            self.now = ev.time
             hit = None if rank is None else int(rank < 10)
             vec = t.text[q.gid] if t.has_text[q.gid] else None
             for s in self.monitor.observe(ev.platform, ev.item, int(ev.label), vec, hit):
@@ -74,9 +85,10 @@ class Recorder:
             self.idx += 1
 
 
-def run(kind: str, events: int, seed: int, react: bool, dcfg: DriftConfig) -> dict[str, Any]:
+def run(kind: str, events: int, seed: int, react: bool, dcfg: DriftConfig,
+        rcfg: ReactionConfig | None = None) -> dict[str, Any]:
     at = events // 2
-    rec = Recorder(DriftMonitor(dcfg), react)
+    rec = Recorder(DriftMonitor(dcfg), react, rcfg)
 
     def setup(pq: Prequential) -> None:
         rec.pq = pq

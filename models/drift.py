@@ -54,7 +54,8 @@ class DriftConfig:
     k_centroid: float = 5.0  # the centroid distance wanders more (a few heavy items move it)
     floor_js: float = 0.03
     floor_centroid: float = 0.02
-    adwin_delta: float = 1e-4
+    adwin_delta: float = 1e-4  # labels: either direction, so strict
+    hit_delta: float = 2e-3  # hit: river's default; drops only, so false alarms stay rare
     adwin_clock: int = 32
     min_events: int = 2000  # per platform before any alarm (the reference must exist)
     cooldown: int = 2000  # events after an alarm before the same signal may fire again
@@ -117,8 +118,9 @@ class PlatformMonitor:
     def __init__(self, platform: str, cfg: DriftConfig) -> None:
         self.p, self.cfg = platform, cfg
         self.n = 0
-        self.det: dict[str, Any] = {s: _adwin(cfg.adwin_delta, cfg.adwin_clock)
-                                    for s in ("hit", "labels") if s in cfg.signals}
+        self.det: dict[str, Any] = {
+            s: _adwin(cfg.hit_delta if s == "hit" else cfg.adwin_delta, cfg.adwin_clock)
+            for s in ("hit", "labels") if s in cfg.signals}
         self.last_fire: dict[str, int] = {}
         self.items: deque[str] = deque(maxlen=cfg.window)
         self.vecs: deque[np.ndarray] = deque(maxlen=cfg.window)
@@ -274,7 +276,17 @@ class ReactionConfig:
     forget_replay: bool = True  # drop replayed examples of the old regime
     reanchor_ema: bool = True  # the slow EMA the weights are pulled to restarts from now
     reset_optimizer: bool = False  # forget Adam's moments (measured: slows recovery here)
-    signals: tuple[str, ...] = ("hit", "popularity", "centroid", "labels")
+    #: users' histories before the alarm stop counting (the served model reads only what
+    #: came after), for this many seconds of event time; 0 = off
+    history_horizon_s: float = 86400.0
+    # not labels by default: a changed positive rate is no reason to forget what was learned
+    # (measured: reacting to it made recovery 6× slower)
+    signals: tuple[str, ...] = ("hit", "popularity", "centroid")
+    #: which reaction answers which signal: a hit-rate drop means users now act unlike their
+    #: history (→ history horizon); a moved item distribution means the weights must move
+    #: (→ learning-rate boost, replay flush, EMA re-anchor)
+    horizon_signals: tuple[str, ...] = ("hit",)
+    weight_signals: tuple[str, ...] = ("popularity", "centroid")
 
 
 class Reactions:
@@ -282,8 +294,10 @@ class Reactions:
     worker's train agent and the benchmark."""
 
     def __init__(self, trainer: Any, cfg: dict[str, ReactionConfig] | None = None,
-                 default: ReactionConfig | None = None) -> None:
+                 default: ReactionConfig | None = None,
+                 horizon: Any = None) -> None:
         self.trainer = trainer
+        self.horizon = horizon  # callable(platform, seconds) for the history horizon
         self.cfg = cfg or {}
         self.default = default or ReactionConfig()
         self.base_lr = trainer.cfg.lr
@@ -298,6 +312,12 @@ class Reactions:
         if not rc.enabled or signal not in rc.signals:
             return None
         done = []
+        if signal in rc.horizon_signals and rc.history_horizon_s > 0 and \
+                self.horizon is not None:
+            self.horizon(platform, rc.history_horizon_s)
+            done.append(f"histories from now on only, for {rc.history_horizon_s:g} s")
+        if signal not in rc.weight_signals:
+            return self._log(platform, signal, done)
         if rc.lr_factor != 1.0 and rc.boost_examples > 0:
             self.trainer.set_lr(self.base_lr * rc.lr_factor)
             self.boost_left = rc.boost_examples
@@ -311,6 +331,11 @@ class Reactions:
         if rc.reset_optimizer:
             self.trainer.reset_optimizer()
             done.append("optimizer reset")
+        return self._log(platform, signal, done)
+
+    def _log(self, platform: str, signal: str, done: list[str]) -> dict[str, Any] | None:
+        if not done:
+            return None
         entry = {"platform": platform, "signal": signal, "actions": done}
         self.log.append(entry)
         return entry

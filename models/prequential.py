@@ -200,6 +200,13 @@ class Model(Method):
         self.seen_events = 0
         self._items: dict[str, tuple[int, torch.Tensor, torch.Tensor]] = {}
         self._version = 0
+        #: (from, until) event time: histories then count only events from ``from`` on
+        self.horizon: tuple[float, float] | None = None
+
+    def _hist(self, q: Query) -> list[tuple[int, int, float]]:
+        if self.horizon is None or not self.horizon[0] <= q.time < self.horizon[1]:
+            return q.history
+        return [h for h in q.history if h[2] >= self.horizon[0]]
 
     def scores(self, qs: list[Query], p: str) -> np.ndarray:
         m = self.model
@@ -210,7 +217,7 @@ class Model(Method):
             if hit is None or hit[0] != self._version or len(hit[1]) != len(rows):
                 e, b = m.item_emb(self.t, rows)
                 self._items[p] = hit = (self._version, e, b)
-            h = History.build([q.history for q in qs], [q.time for q in qs],
+            h = History.build([self._hist(q) for q in qs], [q.time for q in qs],
                               [self.t.platform_index(p)] * len(qs), m.cfg.hist_len,
                               m.cfg.gap_buckets)
             s = m.scores(m.user(self.t, h), hit[1], hit[2])
@@ -220,7 +227,7 @@ class Model(Method):
         self.seen_events += len(batch)
         if self.learn_until is not None and self.seen_events > self.learn_until:
             return
-        ex = [Example(q.platform, q.gid, q.history, q.time, 1.0) for q in qs if q.label]
+        ex = [Example(q.platform, q.gid, self._hist(q), q.time, 1.0) for q in qs if q.label]
         if self.trainer.learn(ex):
             self._version += 1
 

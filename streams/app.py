@@ -37,11 +37,12 @@ import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from pydantic import ValidationError
 
-from models.drift import DriftMonitor, ReactionConfig, Reactions
+from models.drift import DriftMonitor, Reactions
 from streams.catalog import parse_catalog_record
 from streams.heads import ModelServer, TrainerService, examples_from
+from streams.metrics import Counter, Gauge, Histogram, Registry
 from streams.normalize import Normalizer
-from streams.platforms import PlatformRegistry, load_platforms
+from streams.platforms import DriftSpec, PlatformRegistry, load_platforms
 from streams.records import (
     CatalogItem,
     DeadLetter,
@@ -111,7 +112,7 @@ def base_app(settings: Settings, app_id: str) -> faust.App:
         producer_linger=settings.producer_linger_ms / 1000.0,
         web_enabled=settings.web_port > 0,
         web_port=settings.web_port or 6066,
-        web_bind="127.0.0.1",
+        web_bind=settings.web_bind,
         stream_wait_empty=False,
         # Faust keeps nothing of ours on disk (state is in Redis); keep its folder out of cwd
         datadir=str(faust_dir / "{conf.name}-data"),
@@ -140,14 +141,31 @@ def create_app(settings: Settings, platforms: PlatformRegistry | None = None,
     redis = redis_from_url(settings.redis_url)
     state = RedisState(redis, settings, topics.unified, epoch=epoch or settings.state_epoch)
     app.xrec_state = state  # type: ignore[attr-defined]
+    reg = Registry()
+    m_in = reg.add(Counter("xrec_events_in_total", "records consumed, by topic", ["topic"]))
+    m_out = reg.add(Counter("xrec_records_out_total", "records produced, by topic", ["topic"]))
+    m_dead = reg.add(Counter("xrec_deadlettered_total", "dead-lettered records, by reason",
+                             ["reason"]))
+    m_batch = reg.add(Histogram("xrec_batch_latency_ms", "recommend micro-batch processing time"))
+    m_lag = reg.add(Histogram("xrec_input_lag_ms", "produce → recommend micro-batch delay"))
+    m_e2r = reg.add(Histogram("xrec_event_to_recs_latency_ms",
+                              "oldest covered event produced → recommendations published"))
+    g_head = reg.add(Gauge("xrec_head_version", "head version the recommender serves"))
+    m_redis = reg.add(Counter("xrec_redis_errors_total", "Redis errors (retried with backoff)"))
+    m_drift = reg.add(Counter("xrec_drift_signals_total", "drift detector alarms",
+                              ["platform", "signal"]))
+    state.on_error = lambda: m_redis.inc()  # type: ignore[attr-defined]
+    app.xrec_metrics = reg  # type: ignore[attr-defined]
 
     async def publish(topic: str, key: bytes | None, value: bytes) -> None:
         """Straight to the transport producer: Faust flushes it before every offset commit
         (at-least-once holds), and it skips ~4 layers of per-message Python in Topic.send."""
         await app.producer.send(topic, key, value, None, None, None)
+        m_out.inc(1, topic)
 
     async def dead(d: DeadLetter) -> None:
         await publish(topics.deadletter, None, d.model_dump_json().encode())
+        m_dead.inc(1, d.code)
         await state._count(f"deadletter:{d.code}")
         await state._count("deadlettered")
 
@@ -161,6 +179,7 @@ def create_app(settings: Settings, platforms: PlatformRegistry | None = None,
         async def normalize(stream: Any) -> None:
             async for event in stream.events():
                 m = event.message
+                m_in.inc(1, m.topic)
                 out = normalizer.normalize(
                     event.value, topic=m.topic, partition=m.partition, offset=m.offset,
                     timestamp_ms=(m.timestamp * 1000.0) if m.timestamp else None,
@@ -180,6 +199,7 @@ def create_app(settings: Settings, platforms: PlatformRegistry | None = None,
         async def recommend(stream: Any) -> None:
             async for events in stream.take_events(settings.batch_max, settings.batch_within_s):
                 batch: list[tuple[int, Interaction]] = []
+                m_in.inc(len(events), topics.unified)
                 for ev in events:
                     m = ev.message
                     try:
@@ -192,6 +212,8 @@ def create_app(settings: Settings, platforms: PlatformRegistry | None = None,
                 t_batch = time.perf_counter()
                 now = time.time()
                 batch_stats["lag_ms"].extend((now - ev.produced_at) * 1000 for _, ev in batch)
+                for _, ev in batch:
+                    m_lag.observe((now - ev.produced_at) * 1000)
                 result = await state.apply(batch, history=settings.hist_len if use_model else 0)
                 ranks: list[float | None] = [None] * len(result.applied_events)
                 if server is not None and server.ready:
@@ -203,7 +225,8 @@ def create_app(settings: Settings, platforms: PlatformRegistry | None = None,
                 if monitor is not None:
                     await watch_drift(result.applied_events, ranks)
                 if use_model:
-                    for ex in examples_from(result.applied_events, time.time()):
+                    for ex in examples_from(result.applied_events, time.time(),
+                                            server.horizon if server is not None else None):
                         await publish(topics.train_examples, ex.user.encode(),
                                       ex.model_dump_json().encode())
                 published_at = time.time()
@@ -216,7 +239,14 @@ def create_app(settings: Settings, platforms: PlatformRegistry | None = None,
                 await state.cache(payloads)
                 batch_stats["batches"] += 1
                 batch_stats["events"] += len(events)
-                batch_stats["ms"] += (time.perf_counter() - t_batch) * 1000
+                batch_ms = (time.perf_counter() - t_batch) * 1000
+                batch_stats["ms"] += batch_ms
+                batch_stats["last"] = time.time()
+                m_batch.observe(batch_ms)
+                for rec in recs:
+                    m_e2r.observe((published_at - rec.produced_at) * 1000)
+                if server is not None:
+                    g_head.set(server.version)
 
     vectors: VectorStore | None = None
     encoder = None
@@ -247,8 +277,12 @@ def create_app(settings: Settings, platforms: PlatformRegistry | None = None,
 
         @app.timer(settings.quality_window_s)
         async def quality() -> None:
-            for w in server.quality_windows():
-                await publish(topics.quality, w.platform.encode(), w.model_dump_json().encode())
+            try:
+                for w in server.quality_windows():
+                    await publish(topics.quality, w.platform.encode(),
+                                  w.model_dump_json().encode())
+            except Exception:  # a report must never take the worker down
+                log.exception("quality window report failed")
 
     monitor: DriftMonitor | None = None
     if settings.drift_enabled and "recommend" in wanted:
@@ -275,6 +309,18 @@ def create_app(settings: Settings, platforms: PlatformRegistry | None = None,
                     await publish(topics.drift, sig.platform.encode(),
                                   rec.model_dump_json().encode())
                     await state._count(f"drift:{sig.signal}")
+                    m_drift.inc(1, sig.platform, sig.signal)
+                    spec = platforms[sig.platform].drift if sig.platform in platforms \
+                        else DriftSpec()
+                    rc = spec.reaction_config(settings.drift_reactions)
+                    if server is not None and rc.enabled and sig.signal in rc.signals and \
+                            sig.signal in rc.horizon_signals and rc.history_horizon_s > 0:
+                        server.set_horizon(ev.event_time, rc.history_horizon_s)
+                        hx = DriftReaction(platform=sig.platform, signal=sig.signal, actions=[
+                            f"histories from now on only, for {rc.history_horizon_s:g} s"],
+                            time=time.time())
+                        await publish(topics.drift, sig.platform.encode(),
+                                      hx.model_dump_json().encode())
                     if settings.drift_reactions:
                         await state._retry("drift reaction", lambda rec=rec: redis.rpush(
                             state.k("drift", "reactions"), rec.model_dump_json()))
@@ -283,10 +329,14 @@ def create_app(settings: Settings, platforms: PlatformRegistry | None = None,
         async def drift_windows() -> None:
             assert monitor is not None
             now = time.time()
-            for p, vals in monitor.values().items():
-                w = DriftWindow(platform=p, values=vals, events=monitor.platforms[p].n,
-                                worker=worker_name, time=now)
-                await publish(topics.drift, p.encode(), w.model_dump_json().encode())
+            try:
+                for p, vals in monitor.values().items():
+                    pm = monitor.platforms.get(p, monitor.overall)
+                    w = DriftWindow(platform=p, values=vals, events=pm.n, worker=worker_name,
+                                    time=now)
+                    await publish(topics.drift, p.encode(), w.model_dump_json().encode())
+            except Exception:  # a report must never take the worker down
+                log.exception("drift window report failed")
 
     if use_model and "train" in wanted:
         assert vectors is not None
@@ -301,12 +351,9 @@ def create_app(settings: Settings, platforms: PlatformRegistry | None = None,
             nonlocal reactions
             if reactions is None and trainer.trainer is not None:
                 reactions = Reactions(trainer.trainer, {
-                    p.name: ReactionConfig(
-                        enabled=p.drift.reactions and settings.drift_reactions,
-                        lr_factor=p.drift.lr_factor, boost_examples=p.drift.boost_examples,
-                        forget_replay=p.drift.forget_replay, reanchor_ema=p.drift.reanchor_ema,
-                        reset_optimizer=p.drift.reset_optimizer,
-                        signals=tuple(p.drift.signals)) for p in platforms.values()})
+                    p.name: p.drift.reaction_config(settings.drift_reactions)
+                    for p in platforms.values()},
+                    default=DriftSpec().reaction_config(settings.drift_reactions))
             if reactions is None:
                 return
             key = state.k("drift", "reactions")
@@ -432,6 +479,20 @@ def create_app(settings: Settings, platforms: PlatformRegistry | None = None,
                     f"{p} {len(vectors.index.get(p) or [])}" for p in plist))
 
     worker_id = str(os.getpid())
+
+    @app.page("/metrics")
+    async def metrics_page(web: Any, request: Any) -> Any:
+        return web.text(reg.render(), content_type="text/plain; version=0.0.4")
+
+    @app.page("/healthz")
+    async def healthz(web: Any, request: Any) -> Any:
+        """live: the event loop answers; ready: partitions assigned and recovery done."""
+        last = batch_stats.get("last")
+        body = {"live": True, "ready": bool(worker_info.get("ready")),
+                "agents": sorted(wanted), "pid": os.getpid(),
+                "last_batch_age_s": None if last is None else round(time.time() - last, 3),
+                "head_version": server.version if server is not None else None}
+        return web.json(body, status=200 if body["ready"] else 503)
 
     @app.on_partitions_assigned.connect
     async def _assigned(sender: Any, assigned: Any, **_kw: Any) -> None:

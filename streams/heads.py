@@ -150,9 +150,19 @@ class ModelServer:
         self.quality: dict[tuple[str, str], RankingStats] = {}
         self.window_start = time.time()
         self.swaps: list[float] = []
+        #: drift reaction: (from, until) event time; histories then start at ``from``
+        self.horizon: tuple[float, float] | None = None
         # warm torch's code paths now, not on the first swap (measured: 4 s → <1 s)
         warm = HeadsModel(ModelConfig(text_dim=8, dim=8, hist_len=2, buckets=8), ["w"])
         load_blob(dump_blob(warm))
+
+    def set_horizon(self, now: float, seconds: float) -> None:
+        """From ``now`` for ``seconds``, users' histories count only events from ``now`` on
+        (an active horizon keeps its start and is extended)."""
+        old = self.horizon
+        start = old[0] if old is not None and old[1] > now else now
+        self.horizon = (start, now + seconds)
+        log.warning("drift reaction: histories count from %.0f until %.0f", start, now + seconds)
 
     @property
     def ready(self) -> bool:
@@ -210,7 +220,8 @@ class ModelServer:
         by_p: dict[str, list[int]] = {}
         for n, (_, p, _) in enumerate(reqs):
             by_p.setdefault(p, []).append(n)
-        hists = {n: self.tables.gid_history(r[0]) for n, r in enumerate(reqs)}
+        hists = {n: self.tables.gid_history(cut(r[0], r[2], self.horizon))
+                 for n, r in enumerate(reqs)}
         e_all, b_all = self._embeddings()  # after the histories: they may add rows
         out = {}
         for p, idx in by_p.items():
@@ -292,10 +303,20 @@ class ModelServer:
         return out
 
 
+def cut(hist: Sequence[tuple[str, str, int, float]], now: float,
+        horizon: tuple[float, float] | None) -> Sequence[tuple[str, str, int, float]]:
+    """A history under a drift horizon: only entries from its start, while it lasts."""
+    if horizon is None or not horizon[0] <= now < horizon[1]:
+        return hist
+    return [h for h in hist if h[3] >= horizon[0]]
+
+
 def examples_from(applied: Sequence[tuple[Any, list[tuple[str, str, int, float]]]],
-                  now: float) -> list[TrainingExample]:
+                  now: float, horizon: tuple[float, float] | None = None
+                  ) -> list[TrainingExample]:
     return [TrainingExample(user=ev.user, platform=ev.platform, item=ev.item,
-                            weight=ev.weight, event_time=ev.event_time, history=hist,
+                            weight=ev.weight, event_time=ev.event_time,
+                            history=list(cut(hist, ev.event_time, horizon)),
                             produced_at=ev.produced_at, emitted_at=now)
             for ev, hist in applied if ev.label == 1]
 

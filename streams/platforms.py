@@ -185,9 +185,26 @@ class DriftSpec(BaseModel):
     forget_replay: bool = Field(True, description="drop replayed examples of the old regime")
     reanchor_ema: bool = Field(True, description="restart the anti-forgetting EMA from now")
     reset_optimizer: bool = False
+    history_horizon_s: float = Field(86400.0, ge=0, description="after a hit-rate drop, the "
+                                     "model reads only what users did since, this long")
     signals: list[Literal["hit", "labels", "popularity", "centroid"]] = Field(
-        default_factory=lambda: ["hit", "labels", "popularity", "centroid"],
-        description="signals that trigger the reactions")
+        default_factory=lambda: ["hit", "popularity", "centroid"],
+        description="signals that trigger the reactions (labels: off by default)")
+    horizon_signals: list[Literal["hit", "labels", "popularity", "centroid"]] = Field(
+        default_factory=lambda: ["hit"])
+    weight_signals: list[Literal["hit", "labels", "popularity", "centroid"]] = Field(
+        default_factory=lambda: ["popularity", "centroid"])
+
+    def reaction_config(self, on: bool = True):  # type: ignore[no-untyped-def]
+        from models.drift import ReactionConfig
+
+        return ReactionConfig(
+            enabled=self.reactions and on, lr_factor=self.lr_factor,
+            boost_examples=self.boost_examples, forget_replay=self.forget_replay,
+            reanchor_ema=self.reanchor_ema, reset_optimizer=self.reset_optimizer,
+            history_horizon_s=self.history_horizon_s, signals=tuple(self.signals),
+            horizon_signals=tuple(self.horizon_signals),
+            weight_signals=tuple(self.weight_signals))
 
 
 class Platform(BaseModel):

@@ -112,12 +112,16 @@ class Settings(BaseSettings):
     drift_check_every: int = Field(100, ge=1)
     drift_min_events: int = Field(2000, ge=0, description="events per platform before alarms")
     drift_cooldown: int = Field(2000, ge=0, description="events before a signal may fire again")
-    drift_delta: float = Field(1e-4, gt=0, lt=1, description="ADWIN confidence (smaller: "
-                               "fewer false alarms, later detection)")
+    drift_delta: float = Field(1e-4, gt=0, lt=1, description="ADWIN confidence on labels "
+                               "(smaller: fewer false alarms, later detection)")
+    drift_hit_delta: float = Field(2e-3, gt=0, lt=1, description="ADWIN confidence on the "
+                                   "prequential hit rate (drops only)")
 
     # --- worker ---------------------------------------------------------------------
     agents: str = Field("all", description="comma list of agents this worker runs, or 'all'")
-    web_port: int = Field(0, ge=0, le=65535, description="0 = worker web server off")
+    web_port: int = Field(0, ge=0, le=65535, description="worker web server (/metrics, "
+                          "/healthz); 0 = off")
+    web_bind: str = Field("127.0.0.1", description="web server address (0.0.0.0 in a container)")
     gil_switch_interval_ms: float = Field(0.5, gt=0, le=10, description="worker GIL switch")
     log_level: str = "INFO"
     log_json: bool = False
@@ -167,7 +171,7 @@ class Settings(BaseSettings):
 
         return DriftConfig(window=self.drift_window, check_every=self.drift_check_every,
                            min_events=self.drift_min_events, cooldown=self.drift_cooldown,
-                           adwin_delta=self.drift_delta)
+                           adwin_delta=self.drift_delta, hit_delta=self.drift_hit_delta)
 
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"

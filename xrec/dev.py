@@ -37,13 +37,15 @@ class DevOptions:
     seed: int = 7
     workdir: Path | None = None
     ingest_events: int = 50
+    drift: tuple[str, ...] = ()
 
 
 class Collector(threading.Thread):
     """Reads recs topics and the dead-letter topic from outside, as a consumer would."""
 
     def __init__(self, bootstrap: str, recs_topics: list[str], deadletter_topic: str,
-                 from_beginning: bool, quality_topic: str | None = None) -> None:
+                 from_beginning: bool, quality_topic: str | None = None,
+                 drift_topic: str | None = None) -> None:
         super().__init__(daemon=True, name="xrec-collector")
         from kafka import KafkaConsumer, TopicPartition
 
@@ -53,7 +55,8 @@ class Collector(threading.Thread):
                                       # we see them: poll lazily, spare the broker
                                       fetch_max_wait_ms=500, fetch_min_bytes=64 * 1024)
         tps = []
-        for t in [*recs_topics, deadletter_topic, *([quality_topic] if quality_topic else [])]:
+        extra = [x for x in (quality_topic, drift_topic) if x]
+        for t in [*recs_topics, deadletter_topic, *extra]:
             parts = None
             deadline = time.monotonic() + 15
             while not parts and time.monotonic() < deadline:
@@ -72,6 +75,8 @@ class Collector(threading.Thread):
             self.consumer.position(tp)
         self.deadletter_topic = deadletter_topic
         self.quality_topic = quality_topic
+        self.drift_topic = drift_topic
+        self.drift: list[dict[str, Any]] = []  # signals and reactions, in arrival order
         #: (platform, cohort) → [n, Σ recall@10·n, Σ ndcg@10·n] over quality windows
         self.quality: dict[tuple[str, str], list[float]] = {}
         #: only recommendations covering events produced at/after this time count for latency
@@ -102,6 +107,10 @@ class Collector(threading.Thread):
             if topic == self.deadletter_topic:
                 self.deadletters[obj["code"]] = self.deadletters.get(obj["code"], 0) + 1
                 return
+            if topic == self.drift_topic:
+                if obj.get("kind") in ("signal", "reaction"):
+                    self.drift.append(obj)
+                return
             if topic == self.quality_topic:
                 if obj["n"] and obj["recall_at_10"] is not None:
                     q = self.quality.setdefault((obj["platform"], obj["cohort"]), [0, 0.0, 0.0])
@@ -129,6 +138,9 @@ class Collector(threading.Thread):
                 "deadletter_by_code": dict(sorted(self.deadletters.items())),
                 "latency_ms_p50": _r(p50),
                 "latency_ms_p99": _r(p99),
+                "drift_signals": [f"{d['platform']}/{d['signal']}" for d in self.drift
+                                  if d["kind"] == "signal"],
+                "drift_reactions": sum(1 for d in self.drift if d["kind"] == "reaction"),
                 "quality": {f"{p}/{c}": {"n": int(q[0]), "recall@10": round(q[1] / q[0], 4),
                                          "ndcg@10": round(q[2] / q[0], 4)}
                             for (p, c), q in sorted(self.quality.items()) if q[0]},
@@ -170,7 +182,8 @@ def run_dev(settings: Settings, o: DevOptions) -> int:
         try:
             say(f"xrec dev: working folder {workdir}")
             manifest = simulate(SimConfig(events=o.events, malformed=o.malformed, seed=o.seed,
-                                          ingest_events=o.ingest_events), workdir / "sim")
+                                          ingest_events=o.ingest_events, drift=list(o.drift)),
+                                workdir / "sim")
             say(f"simulated {manifest['events']:,} events ({manifest['malformed']} malformed) "
                 f"for {manifest['users']:,} people on {', '.join(manifest['items'])}")
             bootstrap = settings.kafka_bootstrap_servers
@@ -206,7 +219,8 @@ def run_dev(settings: Settings, o: DevOptions) -> int:
                 f"log {w.log_path}")
             collector = Collector(bootstrap, [topics.recs(p) for p in platforms],
                                   topics.deadletter, from_beginning=not settings.
-                                  kafka_bootstrap_servers, quality_topic=topics.quality)
+                                  kafka_bootstrap_servers, quality_topic=topics.quality,
+                                  drift_topic=topics.drift)
             collector.start()
 
             sim = workdir / "sim"
@@ -281,6 +295,7 @@ def run_dev(settings: Settings, o: DevOptions) -> int:
                 "elapsed_s": round(time.monotonic() - t_start, 1),
                 "drained": drained,
                 **_heads_summary(cache, snap),
+                "drift_expected": [f"{d['kind']}@{d['at_event']}" for d in manifest["drift"]],
             }
             _report(say, summary, collector, cache)
             _similar_example(say, settings, redis_url, cache)
@@ -372,6 +387,8 @@ def _heads_summary(cache: Any, snap: dict[str, Any]) -> dict[str, Any]:
         "head_used_after_s_p50": _r3(np.percentile(used, 50)) if used.size else None,
         "head_used_after_s_max": _r3(used.max()) if used.size else None,
         "quality": snap.get("quality", {}),
+        "drift_signals": snap.get("drift_signals", []),
+        "drift_reactions": snap.get("drift_reactions", 0),
     }
 
 
@@ -394,6 +411,10 @@ def _report(say, summary: dict[str, Any], collector: Collector, cache: Any) -> N
             f"{summary['head_swaps']} times, each in use {summary['head_used_after_s_p50']} s "
             f"(p50), {summary['head_used_after_s_max']} s (max) after its training batch "
             "arrived")
+    if summary.get("drift_expected") or summary.get("drift_signals"):
+        say(f"drift: injected {summary.get('drift_expected') or 'none'}; signals "
+            f"{', '.join(summary['drift_signals']) or 'none'}; trainer reactions "
+            f"{summary['drift_reactions']} (xrec tail drift --from-beginning shows them)")
     for key, q in summary.get("quality", {}).items():
         say(f"  prequential {key}: recall@10 {q['recall@10']}, ndcg@10 {q['ndcg@10']} "
             f"over {q['n']:,} positives (ranked before the model saw them)")
