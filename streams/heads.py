@@ -223,18 +223,24 @@ class ModelServer:
         hists = {n: self.tables.gid_history(cut(r[0], r[2], self.horizon))
                  for n, r in enumerate(reqs)}
         e_all, b_all = self._embeddings()  # after the histories: they may add rows
+        # one user-tower pass for every request (the target platform is per row), then one
+        # matrix product per platform: per-op overhead dominates at these sizes (py-spy)
+        order = [i for idx in by_p.values() for i in idx]
+        h = History.build([hists[i] for i in order], [reqs[i][2] for i in order],
+                          [t.platform_index(reqs[i][1]) for i in order],
+                          self.model.cfg.hist_len, self.model.cfg.gap_buckets)
+        with torch.no_grad():
+            q_all = self.model.user(t, h, items=e_all)
+        row_of = {i: j for j, i in enumerate(order)}
         out = {}
         for p, idx in by_p.items():
             rows = t.rows(p)
             if not len(rows):
                 continue
             r = torch.from_numpy(rows).to(e_all.device)
-            h = History.build([hists[i] for i in idx], [reqs[i][2] for i in idx],
-                              [t.platform_index(p)] * len(idx), self.model.cfg.hist_len,
-                              self.model.cfg.gap_buckets)
+            sel = torch.as_tensor([row_of[i] for i in idx], device=e_all.device)
             with torch.no_grad():
-                q = self.model.user(t, h, items=e_all)
-                s = self.model.scores(q, e_all[r], b_all[r]).float().cpu().numpy()
+                s = self.model.scores(q_all[sel], e_all[r], b_all[r]).float().cpu().numpy()
             out[p] = (rows, s, idx)
         return out
 
