@@ -11,9 +11,9 @@ signal          value per step                           detector (why)
                                                          bounds false alarms by delta
 ``labels``      1 if the event is a positive, else 0     ADWIN (delta 1e-4): same shape,
                                                          either direction
-``popularity``  Jensen-Shannon divergence between the    threshold on a smoothed statistic
-                item distribution of the last            (see below): a distance to a
-                ``window`` events and the reference      reference is not a mean to test
+``popularity``  Jensen-Shannon divergence between the    self-calibrated threshold (see
+                item distribution of the last            below): a distance to a reference
+                ``window`` positives and the reference   is not a mean to test
 ``centroid``    cosine distance between the mean text    idem
                 vector of the last ``window`` positives
                 and the reference's
@@ -22,7 +22,8 @@ signal          value per step                           detector (why)
 The two distance signals are compared with their own noise: while the reference window
 fills, the monitor measures the distance between consecutive windows of the same,
 drift-free traffic (windows disjoint from the reference, over ``calibration_checks``
-checks) and sets the alarm at ``k`` × the largest of them (plus a floor). This
+checks) and sets the alarm above the largest of them by ``k`` × their spread (plus a floor),
+``persist`` checks in a row. This
 self-calibration is what keeps false alarms near zero on streams whose natural JS level
 depends on catalog size and traffic. (river's PageHinkley on the raw distance series was
 tried first: its default thresholds fire on the slow rise of JS as a window fills.)
@@ -50,7 +51,7 @@ __all__ = ["DriftConfig", "Signal", "DriftMonitor", "PlatformMonitor", "js_diver
 class DriftConfig:
     window: int = 300  # positives per platform in a distribution / centroid window
     check_every: int = 50  # events between distance checks
-    k: float = 3.0  # alarm at k × the largest distance measured within one regime
+    k: float = 3.0  # alarm above the largest in-regime distance + k × their spread
     k_centroid: float = 5.0  # the centroid distance wanders more (a few heavy items move it)
     floor_js: float = 0.03
     floor_centroid: float = 0.02
@@ -110,8 +111,15 @@ class _Distance:
 
     @property
     def level(self) -> float:
-        base = float(np.max(self.noise)) if self.noise else 0.0
-        return max(self.k * base, self.floor)
+        """The largest in-regime distance plus ``k`` times the spread of those distances.
+
+        Additive, not a multiple: both distances are biased upward by sampling (a sparse
+        300-item window is far from its own regime's distribution: JS ≈ 0.3 with 360 items),
+        so what separates a change from noise is the spread above that bias."""
+        if not self.noise:
+            return self.floor
+        hi, lo = float(np.max(self.noise)), float(np.min(self.noise))
+        return max(hi + self.k * (hi - lo), self.floor)
 
 
 class PlatformMonitor:
