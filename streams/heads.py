@@ -266,31 +266,46 @@ class ModelServer:
         item the user already had, or one outside the catalog)."""
         t = self.tables.table
         seen = {k: set(v) for k, v in seen_before.items()}
+        added: dict[tuple[str, str], list[str]] = {}  # items had earlier in this batch
         reqs, meta = [], []
         out: list[float | None] = [None] * len(applied)
         for n, (ev, hist) in enumerate(applied):
-            s = seen.setdefault((ev.user, ev.platform), set())
+            key = (ev.user, ev.platform)
+            s = seen.setdefault(key, set())
             if ev.label == 1 and ev.item not in s:
                 cold = not s and any(p != ev.platform for p, _, _, _ in hist)
                 reqs.append((hist, ev.platform, ev.event_time))
-                meta.append((n, ev, set(s), cold))
-            s.add(ev.item)
+                meta.append((n, ev, key, len(added.get(key, ())), cold))
+            if ev.item not in s:
+                s.add(ev.item)
+                added.setdefault(key, []).append(ev.item)
         if not reqs:
             return out
+        base: dict[tuple[str, str], np.ndarray] = {}  # seen before the batch, as columns
         for _p, (rows, scores, idx) in self.score(reqs).items():
             local = {int(g): j for j, g in enumerate(rows)}
+
+            def cols(items: Sequence[str], p: str = _p, local: dict[int, int] = local
+                     ) -> list[int]:
+                gs = (t.gid.get((p, i)) for i in items)
+                return [local[g] for g in gs if g is not None and g in local]
+
             for r, k in enumerate(idx):
-                n, ev, s, cold = meta[k]
+                n, ev, key, n_added, cold = meta[k]
                 target = local.get(t.gid.get((ev.platform, ev.item), -1))
                 if target is None:
                     continue  # not in the catalog (no vector): not rankable
-                excl = [local[g] for g in (t.gid.get((ev.platform, i)) for i in s)
-                        if g is not None and g in local]
-                rank, _ = rank_of(scores[r], target, np.asarray(excl, dtype=np.int64))
+                if key not in base:
+                    base[key] = np.asarray(cols(seen_before.get(key, [])), dtype=np.int64)
+                excl = base[key]
+                if n_added:
+                    excl = np.concatenate([excl, np.asarray(cols(added[key][:n_added]),
+                                                            dtype=np.int64)])
+                rank, _ = rank_of(scores[r], target, excl)
                 out[n] = rank
-                for key in ((ev.platform, "all"), ("all", "all")) + (
+                for qk in ((ev.platform, "all"), ("all", "all")) + (
                         ((ev.platform, "coldstart"), ("all", "coldstart")) if cold else ()):
-                    self.quality.setdefault(key, RankingStats()).add(rank)
+                    self.quality.setdefault(qk, RankingStats()).add(rank)
         return out
 
     def quality_windows(self) -> list[QualityWindow]:
