@@ -122,6 +122,8 @@ class Settings(BaseSettings):
     web_port: int = Field(0, ge=0, le=65535, description="worker web server (/metrics, "
                           "/healthz); 0 = off")
     web_bind: str = Field("127.0.0.1", description="web server address (0.0.0.0 in a container)")
+    shutdown_timeout_s: float = Field(10.0, gt=0, description="SIGTERM: graceful shutdown "
+                                      "deadline, then the worker exits (code 143)")
     gil_switch_interval_ms: float = Field(0.5, gt=0, le=10, description="worker GIL switch")
     log_level: str = "INFO"
     log_json: bool = False

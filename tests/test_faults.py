@@ -47,8 +47,8 @@ def test_worker_stopped_mid_replay_loses_nothing_and_applies_nothing_twice(
     w.proc.wait(30)
     stop_s = time.monotonic() - t0
     if sig == signal.SIGTERM:
-        assert stop_s < 20, f"SIGTERM took {stop_s:.1f}s"
-        assert w.proc.returncode in (0, -signal.SIGTERM)
+        assert stop_s < 15, f"SIGTERM took {stop_s:.1f}s"  # XREC_SHUTDOWN_TIMEOUT_S = 10
+        assert w.proc.returncode in (0, 143, -signal.SIGTERM)
     worker_factory(s, name="restarted")
     wait_for(lambda: applied(r, ns) >= man["valid_events"], timeout=120,
              what="every event applied after the restart")

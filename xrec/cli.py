@@ -126,7 +126,6 @@ def worker(agents: str | None, loglevel: str | None) -> None:
     Reads KAFKA_BOOTSTRAP_SERVERS, REDIS_URL, XREC_PSEUDONYM_SECRET and the other XREC_*
     settings. Several workers with the same XREC_APP_ID share the partitions.
     """
-    import faust
 
     from streams.app import create_app
 
@@ -143,9 +142,40 @@ def worker(agents: str | None, loglevel: str | None) -> None:
 
         torch.set_num_threads(s.torch_threads)
     app = create_app(s, agents=agents)
-    w = faust.Worker(app, loglevel=(loglevel or s.log_level).upper(), quiet=True,
-                     redirect_stdouts=False)
+    w = _bounded_worker(app, s.shutdown_timeout_s, loglevel=(loglevel or s.log_level).upper(),
+                        quiet=True, redirect_stdouts=False)
     w.execute_from_commandline()
+
+
+def _bounded_worker(app, timeout_s: float, **kw):  # type: ignore[no-untyped-def]
+    import threading
+
+    import faust
+
+    class BoundedWorker(faust.Worker):
+        """A Faust worker whose shutdown has a deadline.
+
+        SIGTERM / SIGINT start Faust's graceful shutdown (finish the micro-batch, flush,
+        commit, leave the group). Faust's shutdown can hang (seen once in the test suite: a
+        worker still alive 30 s after SIGTERM); after XREC_SHUTDOWN_TIMEOUT_S it exits anyway
+        with code 143. Nothing is lost: offsets not committed are redelivered, and the
+        state watermarks skip what was already applied."""
+
+        def _schedule_shutdown(self, signal: object) -> None:
+            timeout = float(timeout_s)
+
+            def deadline() -> None:
+                logging.getLogger("xrec.worker").error(
+                    "graceful shutdown took longer than %.0f s; exiting now", timeout)
+                logging.shutdown()
+                os._exit(143)
+
+            timer = threading.Timer(timeout, deadline)
+            timer.daemon = True
+            timer.start()
+            super()._schedule_shutdown(signal)  # type: ignore[misc]
+
+    return BoundedWorker(app, **kw)
 
 
 @cli.command()
