@@ -37,14 +37,13 @@ from __future__ import annotations
 
 import math
 from collections import Counter, deque
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 __all__ = ["DriftConfig", "Signal", "DriftMonitor", "PlatformMonitor", "js_divergence",
-           "ReactionConfig", "Reactions", "first_detection"]
+           "ReactionConfig", "Reactions"]
 
 
 @dataclass
@@ -134,8 +133,6 @@ class PlatformMonitor:
         self.vecs: deque[np.ndarray] = deque(maxlen=cfg.window)
         self.ref_items: Counter[str] | None = None
         self.ref_centroid: np.ndarray | None = None
-        self.prev_items: Counter[str] | None = None
-        self.prev_centroid: np.ndarray | None = None
         self.dist = {"popularity": _Distance(cfg.floor_js, cfg.k),
                      "centroid": _Distance(cfg.floor_centroid, cfg.k_centroid)}
         self.pending_refresh: int | None = None  # refresh the reference at this count
@@ -265,12 +262,6 @@ class DriftMonitor:
     def values(self) -> dict[str, dict[str, float]]:
         return {p: {k: round(v, 6) for k, v in pm.values.items() if math.isfinite(v)}
                 for p, pm in [*self.platforms.items(), ("all", self.overall)] if pm.values}
-
-
-def first_detection(signals: Iterable[Signal], change_at: int) -> int | None:
-    """Events from the change point to the first signal at or after it (None: missed)."""
-    after = [s.stream_index - change_at for s in signals if s.stream_index >= change_at]
-    return min(after) if after else None
 
 
 @dataclass

@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -359,7 +358,3 @@ class Prequential:
                                "device": str(self.device)}
         return out
 
-
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    t0 = time.perf_counter()
-    return fn(), time.perf_counter() - t0

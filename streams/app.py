@@ -294,7 +294,9 @@ def create_app(settings: Settings, platforms: PlatformRegistry | None = None,
             """Feed the monitor; publish signals; ask the train agent to react."""
             assert monitor is not None
             for (ev, _), rank in zip(applied, ranks, strict=True):
-                idx = vectors.index.get(ev.platform) if vectors is not None else None
+                # only positives feed the centroid: no vector lookup (a copy) for the rest
+                idx = vectors.index.get(ev.platform) if vectors is not None and ev.label \
+                    else None
                 vec = idx.vector(ev.item) if idx is not None else None
                 hit = None if rank is None else int(rank < 10)
                 for sig in monitor.observe(ev.platform, ev.item, ev.label, vec, hit,

@@ -16,28 +16,33 @@ Recommenders poll ``heads:version`` (a GET every ``XREC_HEAD_POLL_S``) rather th
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 import redis.asyncio as aioredis
 import torch
 
-from models.heads import HeadsModel, History, ItemTable, ModelConfig, pick_device
+from models.heads import (
+    HeadsModel,
+    History,
+    ItemTable,
+    ModelConfig,
+    load_model,
+    pick_device,
+    save_model,
+)
 from models.metrics import RankingStats, rank_of
 from models.trainer import Example, OnlineTrainer, TrainConfig
 from streams.records import HeadVersion, QualityWindow, TrainingExample
 from streams.settings import Settings
 from streams.vectors import VectorStore
 
-__all__ = ["HeadRegistry", "ModelServer", "TrainerService", "model_config", "dump_blob",
-           "load_blob"]
+__all__ = ["HeadRegistry", "ModelServer", "TrainerService", "model_config"]
 
 log = logging.getLogger("xrec.heads")
 
@@ -45,37 +50,6 @@ log = logging.getLogger("xrec.heads")
 def model_config(s: Settings, text_dim: int) -> ModelConfig:
     return ModelConfig(text_dim=text_dim, dim=s.model_dim, hist_len=s.hist_len,
                        buckets=s.model_buckets, seed=s.model_seed)
-
-
-def dump_blob(model: HeadsModel) -> bytes:
-    """Weights for transport: float16, and the hashed id tables sparse (only rows that ever
-    learned anything are non-zero, a few thousand of 2^14 per platform): ~100× fewer bytes."""
-    buf = io.BytesIO()
-    state: dict[str, Any] = {}
-    sparse: dict[str, Any] = {}
-    for k, v in model.state_dict().items():
-        v = v.detach().cpu()
-        if k.startswith("ids."):
-            nz = (v != 0).reshape(v.shape[0], -1).any(dim=1).nonzero().flatten()
-            sparse[k] = (list(v.shape), nz.to(torch.int32), v[nz].to(torch.float16))
-        else:
-            state[k] = v.to(torch.float16) if v.is_floating_point() else v
-    torch.save({"cfg": asdict(model.cfg), "platforms": list(model.platforms), "state": state,
-                "sparse": sparse}, buf)
-    return buf.getvalue()
-
-
-def load_blob(blob: bytes, device: torch.device | None = None) -> HeadsModel:
-    obj = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-    m = HeadsModel(ModelConfig(**obj["cfg"]), obj["platforms"])
-    state = {k: (v.float() if v.is_floating_point() else v) for k, v in obj["state"].items()}
-    for k, (shape, nz, rows) in obj.get("sparse", {}).items():
-        full = torch.zeros(shape)
-        full[nz.long()] = rows.float()
-        state[k] = full
-    m.load_state_dict(state)
-    m.eval()
-    return m.to(device or torch.device("cpu"))
 
 
 class HeadRegistry:
@@ -149,12 +123,11 @@ class ModelServer:
         self._all: tuple[int, int, torch.Tensor, torch.Tensor] | None = None
         self.quality: dict[tuple[str, str], RankingStats] = {}
         self.window_start = time.time()
-        self.swaps: list[float] = []
         #: drift reaction: (from, until) event time; histories then start at ``from``
         self.horizon: tuple[float, float] | None = None
         # warm torch's code paths now, not on the first swap (measured: 4 s → <1 s)
         warm = HeadsModel(ModelConfig(text_dim=8, dim=8, hist_len=2, buckets=8), ["w"])
-        load_blob(dump_blob(warm))
+        load_model(save_model(warm, compact=True))
 
     def set_horizon(self, now: float, seconds: float) -> None:
         """From ``now`` for ``seconds``, users' histories count only events from ``now`` on
@@ -180,13 +153,12 @@ class ModelServer:
         if v <= self.version or blob is None:
             return False
         loop = asyncio.get_running_loop()
-        model = await loop.run_in_executor(None, load_blob, blob, self.device)
+        model = await loop.run_in_executor(None, load_model, blob, self.device)
         self.model, self.version = model, v  # one assignment: the next batch uses it
         self._all = None
         now = time.time()
         used_after = now - float(meta.get("batch_arrived_at", now))
         e2u = now - float(meta.get("newest_produced_at", now))
-        self.swaps.append(used_after)
         log.info("head v%d in use: %.2f s after its training batch arrived, %.2f s after its "
                  "newest event", v, used_after, e2u)
         try:
@@ -361,7 +333,7 @@ class TrainerService:
         v, blob, _ = await self.reg.latest()
         if blob is not None:
             loop = asyncio.get_running_loop()
-            self.model = await loop.run_in_executor(None, load_blob, blob, self.device)
+            self.model = await loop.run_in_executor(None, load_model, blob, self.device)
             log.info("trainer continues from head v%d", v)
         else:
             self.model = HeadsModel(model_config(self.s, self.tables.vectors.dim),
@@ -384,7 +356,7 @@ class TrainerService:
 
     def blob(self) -> bytes:
         assert self.model is not None
-        return dump_blob(self.model)
+        return save_model(self.model, compact=True)
 
     def record(self, version: int, n: int, arrived: float, newest: float, size: int
                ) -> HeadVersion:

@@ -12,9 +12,9 @@ from urllib.request import urlopen
 import pytest
 import redis as redis_sync
 
+from models.heads import load_model
 from producers.replay import Replayer, Source
 from producers.simulate import SimConfig, simulate
-from streams.heads import load_blob
 from streams.platforms import load_platforms
 from streams.records import (
     DriftReaction,
@@ -39,6 +39,26 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def replay_sim(stack, s, d, man, rate: float):
+    """Catalog first (wait until encoded), then the events at ``rate``; wait until every
+    valid event is applied. Returns a Redis client."""
+    t = Topics(s)
+    reg = load_platforms(s.platforms_path)
+    ns = s.redis_prefix.rstrip(":")
+    rep = Replayer(stack.bootstrap)
+    rep.replay([Source(d / f, t.catalog(p)) for p, f in man["files"]["catalog"].items()],
+               progress=False)
+    r = redis_sync.Redis.from_url(stack.redis_url, decode_responses=True)
+    wait_for(lambda: int(r.hget(f"{ns}:stats", "catalog_encoded") or 0)
+             >= sum(man["items"].values()), what="catalog encoded")
+    rep.replay([Source(d / f, t.events(p), reg[p]) for p, f in man["files"]["events"].items()],
+               rate=rate, progress=False)
+    rep.close()
+    wait_for(lambda: int(r.hget(f"{ns}:stats", "events_applied") or 0) >= man["valid_events"],
+             what="every event applied")
+    return r
+
+
 def test_train_agent_in_its_own_worker_and_hot_swap_under_load(stack, ns, worker_factory,
                                                                 tmp_path):
     man = simulate(SimConfig(events=1500, users=60, seed=5), tmp_path / "sim")
@@ -51,18 +71,8 @@ def test_train_agent_in_its_own_worker_and_hot_swap_under_load(stack, ns, worker
     worker_factory(s, name="stream", agents="normalize,recommend,catalog")
     worker_factory(make_settings(stack, ns, app_id=f"{ns}-train", platforms_path=""),
                    name="trainer", agents="train")
-    rep = Replayer(stack.bootstrap)
-    rep.replay([Source(d / f, t.catalog(p)) for p, f in man["files"]["catalog"].items()],
-               progress=False)
-    r = redis_sync.Redis.from_url(stack.redis_url, decode_responses=True)
-    wait_for(lambda: int(r.hget(f"{ns}:stats", "catalog_encoded") or 0) >= 3 * 360,
-             what="catalog encoded")
     # the stream keeps flowing while head versions are trained and swapped in
-    rep.replay([Source(d / f, t.events(p), reg[p]) for p, f in man["files"]["events"].items()],
-               rate=300, progress=False)
-    rep.close()
-    wait_for(lambda: int(r.hget(f"{ns}:stats", "events_applied") or 0) >= man["valid_events"],
-             what="every event applied")
+    r = replay_sim(stack, s, d, man, rate=300)
     wait_for(lambda: r.llen(f"{ns}:heads:swaps") >= 2, what="two head swaps")
     st = {k: int(v) for k, v in r.hgetall(f"{ns}:stats").items()}
     assert st["events_applied"] == man["valid_events"]  # nothing lost across the swaps
@@ -89,7 +99,7 @@ def test_train_agent_in_its_own_worker_and_hot_swap_under_load(stack, ns, worker
     assert all(h.skipped_nonfinite == 0 and h.device in ("cpu", "cuda") for h in heads)
     rb = redis_sync.Redis.from_url(stack.redis_url)
     assert int(rb.get(f"{ns}:heads:version")) == versions[-1]
-    model = load_blob(rb.get(f"{ns}:heads:blob"))
+    model = load_model(rb.get(f"{ns}:heads:blob"))
     assert set(model.platforms) == {"shop", "video", "music"}
 
     # recommendations ranked by the model, on every platform a user is active on
@@ -118,20 +128,9 @@ def test_injected_drift_reaches_the_drift_topic_and_the_trainer_reacts(stack, ns
                       quality_window_s=1.0,
                       train_batch_within_s=0.1)
     t = Topics(s)
-    reg = load_platforms("")
     create_all_topics(s)
     worker_factory(s)
-    rep = Replayer(stack.bootstrap)
-    rep.replay([Source(d / f, t.catalog(p)) for p, f in man["files"]["catalog"].items()],
-               progress=False)
-    r = redis_sync.Redis.from_url(stack.redis_url, decode_responses=True)
-    wait_for(lambda: int(r.hget(f"{ns}:stats", "catalog_encoded") or 0) >= 3 * 360,
-             what="catalog encoded")
-    rep.replay([Source(d / f, t.events(p), reg[p]) for p, f in man["files"]["events"].items()],
-               rate=400, progress=False)
-    rep.close()
-    wait_for(lambda: int(r.hget(f"{ns}:stats", "events_applied") or 0) >= man["valid_events"],
-             what="every event applied")
+    replay_sim(stack, s, d, man, rate=400)
 
     def records():
         return [json.loads(v) for _, v in read_all(stack.bootstrap, t.drift)]

@@ -11,7 +11,6 @@ import torch
 
 from models.heads import HeadsModel, History, ItemTable, ModelConfig, load_model, save_model
 from models.trainer import Example, OnlineTrainer, TrainConfig
-from streams.heads import dump_blob, load_blob
 
 CFG = dict(text_dim=16, dim=8, hist_len=5, buckets=256)
 
@@ -83,7 +82,7 @@ def test_save_load_round_trip():
     assert m2.platforms == m.platforms
     assert all(torch.equal(v, m2.state_dict()[k]) for k, v in m.state_dict().items())
     # the transport format (float16, sparse id tables) ranks the same
-    m3 = load_blob(dump_blob(m))
+    m3 = load_model(save_model(m, compact=True))
     assert ranks_of_rule(m3, t) == pytest.approx(ranks_of_rule(m, t), abs=0.2)
     ids = m.ids["b"].detach()
     assert torch.allclose(m3.ids["b"], ids, atol=2e-3)

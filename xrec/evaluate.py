@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from streams.platforms import PlatformRegistry
 from streams.records import Interaction
 from streams.settings import Settings
 
-__all__ = ["run_eval", "movielens_100k_dir", "split_spec", "EvalInputs"]
+__all__ = ["run_eval", "movielens_100k_dir", "split_spec", "summary_json", "table"]
 
 log = logging.getLogger("xrec.eval")
 ML_FILES = ("ml-100k.inter", "ml-100k.item")
@@ -68,18 +68,11 @@ def movielens_100k_dir(say: Callable[[str], None] = print) -> Path:
     with zipfile.ZipFile(found[-1]) as z:
         for f in ML_FILES:
             (tmp / f).write_bytes(z.read(f"recbole/dataset_example/ml-100k/{f}"))
-    tmp.replace(root) if not root.exists() else [
-        (tmp / f).replace(root / f) for f in ML_FILES]
+    root.mkdir(parents=True, exist_ok=True)
+    for f in ML_FILES:  # file by file: a reader never sees a half-written file
+        (tmp / f).replace(root / f)
+    tmp.rmdir()
     return root
-
-
-class EvalInputs:
-    """Events (time-ordered unified interactions) and item texts per platform."""
-
-    def __init__(self) -> None:
-        self.texts: dict[str, dict[str, str]] = {}
-        self.files: list[tuple[str | None, Iterator[bytes]]] = []
-        self.deadlettered: dict[str, int] = {}
 
 
 def split_spec(spec: str, platforms: PlatformRegistry, what: str) -> tuple[str | None, Path]:
