@@ -56,6 +56,7 @@ from streams.settings import Settings
 from streams.state import RedisState, redis_from_url
 from streams.topics import Topics
 from streams.vectors import VectorStore, usable_text
+from streams.watchdog import LoopWatch, Watchdog
 
 __all__ = ["create_app", "base_app", "AGENTS"]
 
@@ -138,7 +139,7 @@ def create_app(settings: Settings, platforms: PlatformRegistry | None = None,
            "value_serializer": "raw"}
     unified = app.topic(topics.unified, **raw)
     recs_topic = {p: topics.recs(p) for p in platforms}
-    redis = redis_from_url(settings.redis_url)
+    redis = redis_from_url(settings.redis_url, settings.redis_timeout_s)
     state = RedisState(redis, settings, topics.unified, epoch=epoch or settings.state_epoch)
     app.xrec_state = state  # type: ignore[attr-defined]
     reg = Registry()
@@ -154,8 +155,21 @@ def create_app(settings: Settings, platforms: PlatformRegistry | None = None,
     m_redis = reg.add(Counter("xrec_redis_errors_total", "Redis errors (retried with backoff)"))
     m_drift = reg.add(Counter("xrec_drift_signals_total", "drift detector alarms",
                               ["platform", "signal"]))
+    m_broker = reg.add(Counter("xrec_broker_client_errors_total", "warnings and errors logged "
+                               "by the Kafka client (connection lost, request timed out, ...)"))
+    g_lag = reg.add(Gauge("xrec_consumer_lag_records", "records the broker holds beyond this "
+                          "worker's committed offsets, by topic", ["topic"]))
+    g_stalled = reg.add(Gauge("xrec_agent_stalled", "1 while the watchdog finds the agent "
+                              "stalled", ["agent"]))
+    m_stalls = reg.add(Counter("xrec_stalls_total", "stalls the watchdog noticed", ["agent"]))
+    g_idle = reg.add(Gauge("xrec_agent_idle_seconds", "seconds since the agent last completed "
+                           "an event or micro-batch", ["agent"]))
     state.on_error = lambda: m_redis.inc()  # type: ignore[attr-defined]
     app.xrec_metrics = reg  # type: ignore[attr-defined]
+    _count_client_errors(m_broker)
+    wd = Watchdog(settings.stall_after_s)
+    app.xrec_watchdog = wd  # type: ignore[attr-defined]
+    agent_of_topic: dict[str, str] = {}
 
     async def publish(topic: str, key: bytes | None, value: bytes) -> None:
         """Straight to the transport producer: Faust flushes it before every offset commit
@@ -174,10 +188,13 @@ def create_app(settings: Settings, platforms: PlatformRegistry | None = None,
         by_topic: dict[str, str | None] = {topics.events(p): p for p in platforms}
         by_topic[topics.ingest] = None
         source = app.topic(*by_topic, **raw)
+        agent_of_topic.update(dict.fromkeys(by_topic, "normalize"))
+        wd.register("normalize")
 
         @app.agent(source, name="xrec.normalize")
         async def normalize(stream: Any) -> None:
             async for event in stream.events():
+                wd.begin("normalize")
                 m = event.message
                 m_in.inc(1, m.topic)
                 out = normalizer.normalize(
@@ -190,14 +207,18 @@ def create_app(settings: Settings, platforms: PlatformRegistry | None = None,
                     log.info("dead-lettered %s:%s@%s: %s", m.topic, m.partition, m.offset,
                              out.code)
                     await dead(out)
+                wd.done("normalize")
 
     batch_stats: dict[str, Any] = {"batches": 0, "events": 0, "ms": 0.0, "lag_ms": []}
 
     if "recommend" in wanted:
+        agent_of_topic[topics.unified] = "recommend"
+        wd.register("recommend")
 
         @app.agent(unified, name="xrec.recommend")
         async def recommend(stream: Any) -> None:
             async for events in stream.take_events(settings.batch_max, settings.batch_within_s):
+                wd.begin("recommend")
                 batch: list[tuple[int, Interaction]] = []
                 m_in.inc(len(events), topics.unified)
                 for ev in events:
@@ -247,6 +268,7 @@ def create_app(settings: Settings, platforms: PlatformRegistry | None = None,
                     m_e2r.observe((published_at - rec.produced_at) * 1000)
                 if server is not None:
                     g_head.set(server.version)
+                wd.done("recommend")
 
     vectors: VectorStore | None = None
     encoder = None
@@ -256,7 +278,7 @@ def create_app(settings: Settings, platforms: PlatformRegistry | None = None,
 
         encoder = load_encoder(enc_cfg)  # exports/quantizes once, then cached on disk
         vectors = VectorStore(settings.redis_url, settings.redis_prefix, encoder.id,
-                              encoder.dim)
+                              encoder.dim, timeout_s=settings.redis_timeout_s)
         log.info("item encoder %s on %s", encoder.id, encoder.device)
     app.xrec_vectors = vectors  # type: ignore[attr-defined]
     encode_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xrec-encode")
@@ -345,6 +367,8 @@ def create_app(settings: Settings, platforms: PlatformRegistry | None = None,
         trainer = TrainerService(settings, vectors, list(platforms))
         train_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xrec-train")
         train_topic = app.topic(topics.train_examples, **raw)
+        agent_of_topic[topics.train_examples] = "train"
+        wd.register("train")
 
         reactions: Reactions | None = None
 
@@ -383,6 +407,7 @@ def create_app(settings: Settings, platforms: PlatformRegistry | None = None,
                 await state._retry("trainer start", trainer.start)
             async for events in stream.take_events(settings.train_batch_max,
                                                    settings.train_batch_within_s):
+                wd.begin("train")
                 arrived = time.time()
                 recs = []
                 for ev in events:
@@ -391,12 +416,14 @@ def create_app(settings: Settings, platforms: PlatformRegistry | None = None,
                     except ValidationError as exc:
                         log.warning("bad training example skipped: %s", str(exc)[:200])
                 if not recs:
+                    wd.done("train")
                     continue
                 await react_to_drift()
                 steps = await loop.run_in_executor(train_pool, trainer.learn, recs)
                 if reactions is not None and reactions.tick(len(recs)):
                     log.info("drift reaction: learning rate back to %g", reactions.base_lr)
                 if not steps:
+                    wd.done("train")
                     continue
                 blob = await loop.run_in_executor(train_pool, trainer.blob)
                 newest = max(r.produced_at for r in recs)
@@ -405,14 +432,18 @@ def create_app(settings: Settings, platforms: PlatformRegistry | None = None,
                                              trainer.reg.publish(blob, meta))
                 rec = trainer.record(version, len(recs), arrived, newest, len(blob))
                 await publish(topics.heads, None, rec.model_dump_json().encode())
+                wd.done("train")
 
     if "catalog" in wanted:
         cat_by_topic = {topics.catalog(p): p for p in platforms}
         cat_source = app.topic(*cat_by_topic, **raw)
+        agent_of_topic.update(dict.fromkeys(cat_by_topic, "catalog"))
+        wd.register("catalog")
 
         @app.agent(cat_source, name="xrec.catalog")
         async def catalog(stream: Any) -> None:
             async for events in stream.take_events(256, 0.2):
+                wd.begin("catalog")
                 latest: dict[tuple[str, str], CatalogItem] = {}
                 for ev in events:
                     m = ev.message
@@ -426,6 +457,7 @@ def create_app(settings: Settings, platforms: PlatformRegistry | None = None,
                 if latest:
                     items = list(latest.values())
                     await state._retry("catalog", lambda items=items: _store_items(items))
+                wd.done("catalog")
 
         async def _store_items(items: list[CatalogItem]) -> None:
             """Store metadata; encode only items whose text changed or has no vector yet."""
@@ -488,13 +520,66 @@ def create_app(settings: Settings, platforms: PlatformRegistry | None = None,
 
     @app.page("/healthz")
     async def healthz(web: Any, request: Any) -> Any:
-        """live: the event loop answers; ready: partitions assigned and recovery done."""
+        """live: the event loop answers; ready: partitions assigned and recovery done;
+        stalled: agents the watchdog found stuck, with the reason. 200 only when ready
+        and nothing is stalled."""
         last = batch_stats.get("last")
         body = {"live": True, "ready": bool(worker_info.get("ready")),
-                "agents": sorted(wanted), "pid": os.getpid(),
+                "stalled": dict(stalled), "agents": sorted(wanted), "pid": os.getpid(),
                 "last_batch_age_s": None if last is None else round(time.time() - last, 3),
                 "head_version": server.version if server is not None else None}
-        return web.json(body, status=200 if body["ready"] else 503)
+        return web.json(body, status=200 if body["ready"] and not stalled else 503)
+
+    stalled: dict[str, str] = {}
+
+    def consumer_lag() -> dict[str, int]:
+        """Per topic: the broker's high watermark (from fetch responses) minus this
+        worker's committed offset, over its assigned partitions. Apache Kafka reports
+        exact figures; Tansu under-reports when record batches hold several records."""
+        out: dict[str, int] = {}
+        try:
+            c = app.consumer
+            committed = c._committed_offset  # Faust's own bookkeeping (next offset to read)
+            for tp in c.assignment():
+                hw = c.highwater(tp)
+                pos = committed.get(tp)
+                if hw is None or pos is None:
+                    continue
+                out[tp.topic] = out.get(tp.topic, 0) + max(0, int(hw) - int(pos))
+        except Exception:  # noqa: BLE001 - not started / rebalancing: unknown this tick
+            return {}
+        return out
+
+    @app.timer(min(5.0, settings.stall_after_s / 3))
+    async def watchdog() -> None:
+        try:
+            lags = consumer_lag()
+            per_agent: dict[str, int] = {}
+            for topic, n in lags.items():
+                g_lag.set(n, topic)
+                a = agent_of_topic.get(topic)
+                if a is not None:
+                    per_agent[a] = per_agent.get(a, 0) + n
+            now_stalled = wd.check(per_agent)
+            for a in wd.agents:
+                g_idle.set(round(wd.idle_s(a), 3), a)
+                g_stalled.set(1 if a in now_stalled else 0, a)
+                if a in now_stalled and a not in stalled:
+                    m_stalls.inc(1, a)
+            stalled.clear()
+            stalled.update(now_stalled)
+        except Exception:  # a report must never take the worker down
+            log.exception("watchdog check failed")
+
+    loop_watch = LoopWatch(settings.stall_after_s)
+
+    @app.task
+    async def _loop_watch() -> None:
+        loop_watch.start()
+
+    @app.timer(1.0)
+    async def _loop_beat() -> None:
+        loop_watch.beat()
 
     @app.on_partitions_assigned.connect
     async def _assigned(sender: Any, assigned: Any, **_kw: Any) -> None:
@@ -536,6 +621,24 @@ def create_app(settings: Settings, platforms: PlatformRegistry | None = None,
             batch_stats.update(batches=0, events=0, ms=0.0, lag_ms=[])
 
     return app
+
+
+class _ClientErrors(logging.Handler):
+    def __init__(self, counter: Counter) -> None:
+        super().__init__(logging.WARNING)
+        self.counter = counter
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.counter.inc()
+
+
+def _count_client_errors(counter: Counter) -> None:
+    """Count what the Kafka client logs at WARNING and above (it retries internally and
+    only logs): the broker side of the outage metrics."""
+    lg = logging.getLogger("aiokafka")
+    for h in [h for h in lg.handlers if isinstance(h, _ClientErrors)]:
+        lg.removeHandler(h)  # one app per process; tests build several
+    lg.addHandler(_ClientErrors(counter))
 
 
 def _json(v: Any) -> str:

@@ -53,8 +53,9 @@ def model_config(s: Settings, text_dim: int) -> ModelConfig:
 
 
 class HeadRegistry:
-    def __init__(self, url: str, prefix: str) -> None:
-        self.r = aioredis.Redis.from_url(url, decode_responses=False)
+    def __init__(self, url: str, prefix: str, timeout_s: float | None = None) -> None:
+        self.r = aioredis.Redis.from_url(url, decode_responses=False, socket_timeout=timeout_s,
+                                         socket_connect_timeout=timeout_s)
         self.p = prefix
 
     def k(self, name: str) -> str:
@@ -114,7 +115,8 @@ class ModelServer:
 
     def __init__(self, settings: Settings, vectors: VectorStore, worker: str) -> None:
         self.s = settings
-        self.reg = HeadRegistry(settings.redis_url or "", settings.redis_prefix)
+        self.reg = HeadRegistry(settings.redis_url or "", settings.redis_prefix,
+                                settings.redis_timeout_s)
         self.tables = _Tables(vectors, settings.model_buckets)
         self.model: HeadsModel | None = None
         self.version = 0
@@ -320,7 +322,8 @@ class TrainerService:
     def __init__(self, settings: Settings, vectors: VectorStore, platforms: Sequence[str]
                  ) -> None:
         self.s = settings
-        self.reg = HeadRegistry(settings.redis_url or "", settings.redis_prefix)
+        self.reg = HeadRegistry(settings.redis_url or "", settings.redis_prefix,
+                                settings.redis_timeout_s)
         self.tables = _Tables(vectors, settings.model_buckets)
         self.device = pick_device(settings.train_device)
         self.platforms = list(platforms)

@@ -124,6 +124,12 @@ class Settings(BaseSettings):
     web_bind: str = Field("127.0.0.1", description="web server address (0.0.0.0 in a container)")
     shutdown_timeout_s: float = Field(10.0, gt=0, description="SIGTERM: graceful shutdown "
                                       "deadline, then the worker exits (code 143)")
+    stall_after_s: float = Field(30.0, gt=0, description="watchdog: an agent inside one unit "
+                                 "of work this long, or idle this long while records wait "
+                                 "for it, is reported stalled (/healthz 503, /metrics)")
+    redis_timeout_s: float = Field(5.0, gt=0, description="Redis socket timeout: a hung "
+                                   "Redis becomes a counted, retried error instead of a "
+                                   "silent wait")
     gil_switch_interval_ms: float = Field(0.5, gt=0, le=10, description="worker GIL switch")
     log_level: str = "INFO"
     log_json: bool = False

@@ -40,8 +40,10 @@ def unpack(b: bytes, dim: int) -> np.ndarray:
 
 
 class VectorStore:
-    def __init__(self, url: str, prefix: str, encoder_id: str, dim: int) -> None:
-        self.r = aioredis.Redis.from_url(url, decode_responses=False)
+    def __init__(self, url: str, prefix: str, encoder_id: str, dim: int,
+                 timeout_s: float | None = None) -> None:
+        self.r = aioredis.Redis.from_url(url, decode_responses=False, socket_timeout=timeout_s,
+                                         socket_connect_timeout=timeout_s)
         self.p = prefix
         self.encoder_id = encoder_id
         self.dim = dim

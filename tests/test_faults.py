@@ -5,6 +5,7 @@ paused (SIGSTOP) for 6 s mid-stream: the worker waits, resumes, and loses nothin
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -79,37 +80,78 @@ def test_worker_stopped_mid_replay_loses_nothing_and_applies_nothing_twice(
         assert a[k] == b[k], k  # every user's applied event ids: exactly the same set
 
 
+def _get(port: int, path: str) -> tuple[int, str]:
+    from urllib.error import HTTPError
+    from urllib.request import urlopen
+
+    try:
+        with urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return r.status, r.read().decode()
+    except HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def _metric(text: str, name: str) -> float:
+    """Sum of a metric's samples (all label sets)."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name) and (line[len(name)] in " {"))
+
+
 @pytest.mark.parametrize("victim", ["redis", "broker"])
 def test_redis_or_broker_paused_mid_replay_then_resumed(stack, ns, worker_factory, tmp_path,
                                                          victim):
-    """SIGSTOP for 6 s (unreachable, connections hang), then SIGCONT: the worker waits
-    instead of dropping or crashing, resumes, and applies every event exactly once."""
-    from xrec.stack import start_redis
+    """SIGSTOP (unreachable, connections hang), then SIGCONT: the worker waits instead of
+    dropping or crashing, resumes, and applies every event exactly once. A Redis outage
+    longer than the stall bound shows on /healthz (503, the stalled agent) and in /metrics
+    (Redis errors, the stall), and clears when Redis is back."""
+    from streams.watchdog import Watchdog  # noqa: F401 - the module the worker reports from
+    from xrec.stack import free_port, start_redis
 
     d = tmp_path / "sim"
     man = simulate(SimConfig(events=2500, users=80, seed=23), d)
     redis_svc = start_redis(tmp_path) if victim == "redis" else None
+    port = free_port()
     try:
         url = redis_svc.url if redis_svc else stack.redis_url
-        s = make_settings(stack, ns, platforms_path="", model_enabled=False, redis_url=url)
+        s = make_settings(stack, ns, platforms_path="", model_enabled=False, redis_url=url,
+                          web_port=port, stall_after_s=4.0, redis_timeout_s=1.0)
         t = Topics(s)
         reg = load_platforms("")
         create_all_topics(s)
         w = worker_factory(s)
         r = redis_sync.Redis.from_url(url, decode_responses=True)
         rep = Replayer(stack.bootstrap)
-        rep.replay([Source(d / f, t.events(p), reg[p])
-                    for p, f in man["files"]["events"].items()][:1], progress=False)
+        sources = [Source(d / f, t.events(p), reg[p]) for p, f in man["files"]["events"].items()]
+        rep.replay(sources[:1], progress=False)
         wait_for(lambda: applied(r, ns) >= 300, what="some events applied")
         pid = redis_svc.pid if redis_svc is not None else stack.services[0].pid  # Tansu
+        seen_stall: dict = {}
         os.kill(pid, signal.SIGSTOP)
         try:
-            time.sleep(6)
+            if victim == "redis":
+                rep.replay(sources[1:2], progress=False)  # input keeps arriving
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline and not seen_stall:
+                    code, body = _get(port, "/healthz")
+                    if code == 503 and json.loads(body)["stalled"]:
+                        seen_stall = {"code": code, **json.loads(body)}
+                    time.sleep(0.5)
+                _, text = _get(port, "/metrics")
+                seen_stall["metrics"] = text
+            else:
+                time.sleep(6)
             assert w.alive()
         finally:
             os.kill(pid, signal.SIGCONT)
-        rep.replay([Source(d / f, t.events(p), reg[p])
-                    for p, f in man["files"]["events"].items()][1:], progress=False)
+        if victim == "redis":
+            assert seen_stall.get("code") == 503, "no stall reported within 30 s"
+            assert "recommend" in seen_stall["stalled"] or "normalize" in seen_stall["stalled"]
+            assert seen_stall["live"] is True
+            text = seen_stall["metrics"]
+            assert _metric(text, "xrec_redis_errors_total") > 0  # timeouts, counted
+            assert _metric(text, "xrec_agent_stalled") >= 1
+            assert _metric(text, "xrec_stalls_total") >= 1
+        rep.replay(sources[1:] if victim == "broker" else sources[2:], progress=False)
         rep.close()
         wait_for(lambda: applied(r, ns) >= man["valid_events"], timeout=120,
                  what="every event applied after the pause")
@@ -117,6 +159,11 @@ def test_redis_or_broker_paused_mid_replay_then_resumed(stack, ns, worker_factor
         st = {k: int(v) for k, v in r.hgetall(f"{ns}:stats").items()}
         assert st["events_applied"] == man["valid_events"]
         assert w.alive()  # waited through the pause: no crash, nothing dropped
+        # the stall clears once the agents complete work again
+        wait_for(lambda: _get(port, "/healthz")[0] == 200, timeout=30,
+                 what="/healthz back to 200")
+        text = _get(port, "/metrics")[1]
+        assert _metric(text, "xrec_agent_stalled") == 0
     finally:
         if redis_svc is not None:
             redis_svc.stop()
