@@ -27,7 +27,8 @@ import numpy as np
 
 from producers.themes import THEMES
 
-__all__ = ["SimConfig", "simulate", "MALFORMED_KINDS", "parse_drift", "Drift", "DRIFT_KINDS"]
+__all__ = ["SimConfig", "simulate", "MALFORMED_KINDS", "DUPLICATE_KINDS", "HOSTILE_KINDS",
+           "parse_drift", "Drift", "DRIFT_KINDS"]
 
 PLATFORMS = ("shop", "video", "music")
 #: malformed kind → the dead-letter code the worker must give it
@@ -42,7 +43,19 @@ MALFORMED_KINDS = {
     "invalid_utf8": "invalid_utf8",
     "not_object": "not_an_object",
     "deep_nesting": "too_deep",
+    "infinity": "invalid_json",
+    "ancient": "time_out_of_range",
+    "huge_number": "schema",
+    "oversized_string": "schema",
+    "oversized_array": "schema",
+    "field_flood": "schema",
+    "wrong_type_user": "schema",
+    "empty_object": "schema",
 }
+#: hostile but valid: the same event sent again (same event id), verbatim or with unknown
+#: extra fields. Never dead-lettered; applied once (the per-user event-id set skips it).
+DUPLICATE_KINDS = ("duplicate", "duplicate_extra_fields")
+HOSTILE_KINDS = (*MALFORMED_KINDS, *DUPLICATE_KINDS)
 USER_FIELD = {"shop": "customer_id", "video": "viewer_id", "music": "listener_id"}
 ITEM_FIELD = {"shop": "sku", "video": "video_id", "music": "track_id"}
 TIME_FIELD = {"shop": "ts", "video": "watched_at", "music": "played_at"}
@@ -203,6 +216,7 @@ def simulate(cfg: SimConfig, out: Path) -> dict[str, Any]:
     counts: Counter[str] = Counter()
     malformed: Counter[str] = Counter()
     deadletter_expected: Counter[str] = Counter()
+    duplicates: Counter[str] = Counter()
     try:
         for n in range(cfg.events):
             u = int(users[n])
@@ -225,10 +239,15 @@ def simulate(cfg: SimConfig, out: Path) -> dict[str, Any]:
             files[p].write(json.dumps(ev, separators=(",", ":")).encode() + b"\n")
             counts[p] += 1
             if cfg.malformed > 0 and rng.random() < cfg.malformed:
-                kind = list(MALFORMED_KINDS)[int(rng.integers(len(MALFORMED_KINDS)))]
-                files[p].write(_malform(kind, ev, p, rng) + b"\n")
-                malformed[kind] += 1
-                deadletter_expected[MALFORMED_KINDS[kind]] += 1
+                kind = HOSTILE_KINDS[int(rng.integers(len(HOSTILE_KINDS)))]
+                if kind in DUPLICATE_KINDS:
+                    dup = ev if kind == "duplicate" else {**ev, "client": "retry", "attempt": 2}
+                    files[p].write(json.dumps(dup, separators=(",", ":")).encode() + b"\n")
+                    duplicates[kind] += 1
+                else:
+                    files[p].write(_malform(kind, ev, p, rng) + b"\n")
+                    malformed[kind] += 1
+                    deadletter_expected[MALFORMED_KINDS[kind]] += 1
     finally:
         for f in files.values():
             f.close()
@@ -258,11 +277,15 @@ def simulate(cfg: SimConfig, out: Path) -> dict[str, Any]:
                         + "\n")
     manifest = {
         "seed": cfg.seed,
-        "events": cfg.events + sum(malformed.values()) + cfg.ingest_events,
+        "events": cfg.events + sum(malformed.values()) + sum(duplicates.values())
+        + cfg.ingest_events,
         "valid_events": cfg.events + cfg.ingest_events - ingest_unknown,
         "events_by_platform": dict(counts),
         "malformed": sum(malformed.values()) + ingest_unknown,
         "malformed_by_kind": dict(malformed),
+        # the same event sent again: not dead-lettered, applied once
+        "duplicates": sum(duplicates.values()),
+        "duplicates_by_kind": dict(duplicates),
         "deadletter_expected": dict(deadletter_expected),
         "users": n_users,
         "items": {p: len(catalog[p]) for p in PLATFORMS},
@@ -356,4 +379,30 @@ def _malform(kind: str, ev: dict[str, Any], p: str, rng: np.random.Generator) ->
         return json.dumps([ev[ITEM_FIELD[p]], 1, 2]).encode()
     if kind == "deep_nesting":
         return (b'{"event_id":"x","nested":' + b"[" * 64 + b"]" * 64 + b"}")
+    if kind == "infinity":
+        key = {"shop": "price", "video": "duration", "music": "ms_played"}[p]
+        ev[key] = math.inf
+        return json.dumps(ev).encode()  # Python writes the non-JSON literal Infinity
+    if kind == "ancient":
+        ev[TIME_FIELD[p]] = {"shop": 86_400.0, "video": "1971-01-01T00:00:00Z",
+                             "music": 86_400_000}[p]
+        return json.dumps(ev).encode()
+    if kind == "huge_number":  # valid JSON that parses to an infinite float
+        key = {"shop": "price", "video": "duration", "music": "ms_played"}[p]
+        return line.replace(f'"{key}":{json.dumps(ev[key])}', f'"{key}":1e400').encode()
+    if kind == "oversized_string":
+        ev[ITEM_FIELD[p]] = "y" * 5_000
+        return json.dumps(ev).encode()
+    if kind == "oversized_array":
+        ev[ITEM_FIELD[p]] = list(range(4_000))
+        return json.dumps(ev).encode()
+    if kind == "field_flood":
+        ev.update({f"f{i}": i for i in range(2_000)})
+        return json.dumps(ev, separators=(",", ":")).encode()
+    if kind == "wrong_type_user":
+        ev[USER_FIELD[p]] = {"id": ev[USER_FIELD[p]]}
+        ev.pop("account_id", None)
+        return json.dumps(ev).encode()
+    if kind == "empty_object":
+        return b"{}"
     raise ValueError(kind)  # pragma: no cover

@@ -13,7 +13,8 @@ invalid_json         not JSON (NaN / Infinity literals count as invalid)
 too_deep             JSON nested deeper than ``XREC_MAX_JSON_DEPTH``
 not_an_object        JSON, but not an object
 unknown_platform     (ingest topic) ``platform`` missing or not configured
-schema               a field is missing, of the wrong type or out of range
+schema               a field is missing, of the wrong type or out of range, or the
+                     event has more than ``XREC_MAX_EVENT_FIELDS`` fields
 time_out_of_range    event time before ``XREC_MIN_EVENT_TIME`` or too far ahead
 mapping              the platform's mapping expressions failed on this event
 unlabelled           no label rule of the platform matched
@@ -97,11 +98,11 @@ class Normalizer:
         self.clock = clock
         self.pseudo = Pseudonymizer(settings.secret_bytes(), settings.pseudonym_hex_chars)
         fields = sorted({f for p in platforms.values() for f in p.identity_fields})
-        self._all_identity_fields = tuple(fields)
-        alt = "|".join(re.escape(f) for f in fields) or "(?!)"
-        self._redact_re = re.compile(
-            r'("(?:' + alt + r')"\s*:\s*)("(?:[^"\\]|\\.)*"?|[^,}\]\s]*)'
-        )
+        self._all_identity_fields = frozenset(fields)
+        #: every declared event field of every platform: other fields' values never reach
+        #: a dead letter (an unknown field may hold anything, a raw id included)
+        self._known_fields = frozenset(
+            f for p in platforms.values() for f in p.event_model.model_fields)
 
     # ------------------------------------------------------------------ public
     def normalize(
@@ -136,6 +137,10 @@ class Normalizer:
         if not isinstance(obj, dict):
             return self._dead(src, platform, "not_an_object",
                               f"expected a JSON object, got {type(obj).__name__}", raw)
+        if len(obj) > self.s.max_event_fields:
+            return self._dead(src, platform, "schema", f"{len(obj)} fields; the limit is "
+                              f"{self.s.max_event_fields} (XREC_MAX_EVENT_FIELDS)", raw,
+                              {k: "…" for k in list(obj)[:20]})
         if _depth_exceeds(obj, self.s.max_json_depth):
             return self._dead(src, platform, "too_deep", f"JSON nested deeper than "
                               f"{self.s.max_json_depth} (XREC_MAX_JSON_DEPTH)", raw, obj)
@@ -209,18 +214,54 @@ class Normalizer:
         )
 
     def excerpt(self, raw: bytes, obj: dict[str, Any] | None = None) -> str:
-        """The start of the payload with every identity field's value redacted."""
+        """The start of the payload, safe to publish: identity fields' values redacted,
+        unknown fields' values dropped. A payload that did not parse (broken JSON, bad
+        UTF-8, too large, too deep) keeps only its shape: field names, numbers and
+        literals; every string value is dropped, since a broken field name no longer
+        says which values are identities."""
         n = self.s.deadletter_excerpt_bytes
         if obj is not None:
-            red = {k: (REDACTED if k in self._all_identity_fields else v) for k, v in obj.items()}
+            red = {k: (REDACTED if k in self._all_identity_fields else
+                       v if k in self._known_fields else "…") for k, v in obj.items()}
             try:
-                text = json.dumps(red, ensure_ascii=False, default=str)
+                return json.dumps(red, ensure_ascii=False, default=str)[:n]
             except (ValueError, RecursionError):
-                text = raw[: n * 4].decode("utf-8", "replace")
+                pass
+        return _shape(raw[: n * 4].decode("utf-8", "replace"), self._all_identity_fields)[:n]
+
+
+_TOKEN = re.compile(r"""
+    (?P<key>"(?:[^"\\]|\\.)*"(?=\s*:))
+  | (?P<str>"(?:[^"\\]|\\.)*"?)
+  | (?P<num>-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?(?![\w-]))
+  | (?P<lit>(?:true|false|null)(?![\w-]))
+  | (?P<punct>[{}\[\]:,\s]+)
+  | (?P<bare>[^{}\[\]:,\s"]+)
+""", re.VERBOSE)
+
+
+def _shape(text: str, identity: frozenset[str]) -> str:
+    """Broken JSON reduced to its shape: keys, numbers, literals and punctuation kept;
+    a string value becomes "…" (an identity field's: the redaction mark); bare words "…"."""
+    out: list[str] = []
+    key = ""
+    for m in _TOKEN.finditer(text):
+        kind = m.lastgroup
+        tok = m.group()
+        if kind == "key":
+            key = tok[1:-1]
+            out.append(tok)
+        elif kind == "punct":
+            out.append(tok)
+        elif key in identity:  # a number can be a raw id too
+            out.append(f'"{REDACTED}"')
+        elif kind in ("num", "lit"):
+            out.append(tok)
+        elif kind == "str":
+            out.append('"…"')
         else:
-            text = raw[: n * 4].decode("utf-8", "replace")
-        text = self._redact_re.sub(lambda m: m.group(1) + '"' + REDACTED + '"', text)
-        return text[:n]
+            out.append("…")
+    return "".join(out)
 
 
 def _describe(exc: ValidationError) -> str:

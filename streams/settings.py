@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     # --- input limits (bad input is data: beyond these, events are dead-lettered) ----
     max_event_bytes: int = 65536
     max_json_depth: int = 16
+    max_event_fields: int = Field(256, ge=8, description="top-level fields an event may have; "
+                                  "unknown fields are dropped, a flood of them is rejected")
     min_event_time: float = Field(631152000.0, description="1990-01-01; older is rejected")
     max_future_s: float = Field(86400.0, description="how far event time may lead the clock")
     deadletter_excerpt_bytes: int = 512

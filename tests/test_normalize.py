@@ -87,6 +87,10 @@ BAD = {
     "ancient": video(watched_at=10),
     "empty": b"",
     "rating_out_of_range": video(rating=9),
+    "huge_number": video().replace(b'"duration": 100', b'"duration": 1e400'),
+    "oversized_array": video(video_id=list(range(3000))),
+    "field_flood": video(**{f"f{i}": i for i in range(1000)}),
+    "wrong_type_user": video(viewer_id={"id": "raw-viewer-42"}),
 }
 EXPECTED = {
     "invalid_json": "invalid_json", "nan": "invalid_json", "infinity": "invalid_json",
@@ -94,7 +98,8 @@ EXPECTED = {
     "missing_field": "schema", "negative": "schema", "oversized": "too_large",
     "oversized_string": "schema", "deep": "too_deep", "very_deep": "too_large",
     "future": "time_out_of_range", "ancient": "time_out_of_range", "empty": "invalid_json",
-    "rating_out_of_range": "schema",
+    "rating_out_of_range": "schema", "huge_number": "schema", "oversized_array": "schema",
+    "field_flood": "schema", "wrong_type_user": "schema",
 }
 
 
@@ -179,3 +184,19 @@ def test_secret_is_required_outside_dev():
         Settings(env="prod", pseudonym_secret="short").secret_bytes()
     assert Settings(env="prod", pseudonym_secret="x" * 20).secret_bytes() == b"x" * 20
     assert time.time() > 0
+
+
+def test_broken_payload_excerpt_keeps_only_its_shape(norm):
+    """Found by the hostile-input property test: a bad byte inside a field *name* hid the
+    identity field from key-based redaction and its raw value reached the dead letter."""
+    raw = (b'{"event_id":"e-1","v\xffiewer_id":"raw-viewer-34","video_id":"vid-8",'
+           b'"seconds_watched":5.5,"viewer_id":12345,"account_id":"raw-acc')
+    out = run(norm, raw)
+    assert out.code == "invalid_utf8"
+    assert "raw-viewer-34" not in out.excerpt and "12345" not in out.excerpt
+    assert "raw-acc" not in out.excerpt and "vid-8" not in out.excerpt
+    assert '"seconds_watched":5.5' in out.excerpt  # the shape and numbers stay
+    unknown = run(norm, video(**{"viewer id": "raw-viewer-77", "note": "hello"}))
+    assert isinstance(unknown, Interaction)  # unknown fields are dropped...
+    bad = run(norm, video(duration=-1, **{"viewer id": "raw-viewer-77"}))
+    assert bad.code == "schema" and "raw-viewer-77" not in bad.excerpt  # ...and not shown
