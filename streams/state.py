@@ -29,7 +29,8 @@ user keys only::
     u:<user>:<platform>:recent      list  newest first, JSON [item, label, weight, time, kind]
     u:<user>:<platform>:seen        zset  item → last event time (consumed items, capped)
     u:<user>:eids                   zset  event id → event time (dedup, capped)
-    u:<user>:hist                   list  newest first, JSON [platform, item, label, time]:
+    u:<user>:history                zset  JSON [platform, item, label, time, event id] →
+                                          event time (the newest XREC_HIST_LEN kept):
                                           the cross-platform history the model reads
     u:<user>:stats                  hash  "<platform>:events|pos|neg", "<platform>:last"
     users                           set   user keys
@@ -215,7 +216,7 @@ class RedisState:
         users = list(users)
         rd = self.r.pipeline(transaction=False)
         for u in users:
-            rd.lrange(self.k("u", u, "hist"), 0, n - 1)
+            rd.zrevrange(self.k("u", u, "history"), 0, n - 1)
         res = await rd.execute()
         return {u: [_entry(x) for x in lst] for u, lst in zip(users, res, strict=True)}
 
@@ -376,7 +377,7 @@ class RedisState:
 
 
 def _entry(raw: str) -> HistEntry:
-    p, item, label, t = json.loads(raw)
+    p, item, label, t = json.loads(raw)[:4]
     return (str(p), str(item), int(label), float(t))
 
 
@@ -394,6 +395,10 @@ def _histories(out: ApplyResult, batch: Sequence[tuple[int, Interaction]], res: 
         ev = batch[int(i) - 1][1]
         h = hist.setdefault(ev.user, [])
         out.applied_events.append((ev, list(h)))
-        h.insert(0, (ev.platform, ev.item, int(ev.label), float(ev.event_time)))
+        t = float(ev.event_time)
+        at = 0  # newest first by event time, as the script keeps it
+        while at < len(h) and h[at][3] > t:
+            at += 1
+        h.insert(at, (ev.platform, ev.item, int(ev.label), t))
         del h[n:]
     out.history = hist

@@ -118,3 +118,32 @@ def test_popularity_decays_and_rebases_without_overflow(state, stack, ns):
     assert lst[0][1] == pytest.approx(1.0) and lst[1][1] < 1e-80
     r = redis_sync.Redis.from_url(stack.redis_url, decode_responses=True)
     assert float(r.hget(f"{ns}:popmeta:video", "anchor")) == pytest.approx(T0 + 300 * hl)
+
+
+def test_history_is_ordered_by_event_time_whatever_the_platform_interleaving(stack, ns):
+    """A user's platforms arrive through different source partitions, in an order no one
+    controls: the cross-platform history the model reads (and the state) must not depend
+    on it. The newest XREC_HIST_LEN by event time are kept."""
+    vids = [ev("u1", f"v{i}", i, t=T0 + 2 * i, src="v:0") for i in range(4)]
+    songs = [ev("u1", f"m{i}", i, platform="music", t=T0 + 2 * i + 1, src="m:0")
+             for i in range(4)]
+    orders = {"video first": [vids, songs], "music first": [songs, vids],
+              # each source partition keeps its order; the platforms interleave freely
+              "mixed": [[songs[0], songs[1]], [vids[0], vids[1], vids[2], songs[2]],
+                        [songs[3], vids[3]]]}
+    dumps = {}
+    for k, (name, batches) in enumerate(orders.items()):
+        s = make_settings(stack, f"{ns}{k}", hist_len=5)
+        st = RedisState(redis_from_url(stack.redis_url), s, "unified")
+
+        async def go(st=st, batches=batches):
+            for b in batches:
+                await st.apply(b, history=5)
+            return await st.history(["u1"], 10)
+
+        hist = run(go())["u1"]
+        assert [h[1] for h in hist] == ["m3", "v3", "m2", "v2", "m1"], name  # newest 5
+        dumps[name] = {key.split(":", 1)[1]: v for key, v in redis_dump(
+            stack.redis_url, f"{ns}{k}:", skip=lambda rest: rest.startswith(
+                ("stats", "wm:", "co:", "pop"))).items()}
+    assert dumps["video first"] == dumps["music first"] == dumps["mixed"]

@@ -32,13 +32,13 @@ for n, ev in ipairs(req.ev) do
   local pk = u .. '\t' .. p
   local base = P .. 'u:' .. u .. ':' .. p
   local rk = base .. ':recent'
-  local hk = P .. 'u:' .. u .. ':hist'
+  local hk = P .. 'u:' .. u .. ':history'
   if recent_pos[pk] == nil then
     recent_pos[pk] = positives(rk)
     if c.hist > 0 then seen_before[pk] = redis.call('ZRANGE', base .. ':seen', 0, -1) end
   end
   if c.hist > 0 and hist_before[u] == nil then
-    hist_before[u] = redis.call('LRANGE', hk, 0, c.hist - 1)
+    hist_before[u] = redis.call('ZREVRANGE', hk, 0, c.hist - 1)
   end
   local wmk = req.wm .. q
   local cur = tonumber(redis.call('HGET', wmk, src) or '-1')
@@ -53,8 +53,10 @@ for n, ev in ipairs(req.ev) do
       applied = applied + 1
       if c.hist > 0 then
         applied_idx[#applied_idx + 1] = n
-        redis.call('LPUSH', hk, cjson.encode({p, item, label, t}))
-        redis.call('LTRIM', hk, 0, c.hist - 1)
+        -- ordered by event time, not arrival: the same events give the same history
+        -- whatever the interleaving of platforms (the event id keeps members unique)
+        redis.call('ZADD', hk, t, cjson.encode({p, item, label, t, eid}))
+        redis.call('ZREMRANGEBYRANK', hk, 0, -(c.hist + 1))
       end
       redis.call('ZADD', ek, t, eid)
       redis.call('ZREMRANGEBYRANK', ek, 0, -(c.eids + 1))
