@@ -180,8 +180,9 @@ def create_app(settings: Settings, platforms: PlatformRegistry | None = None,
     async def dead(d: DeadLetter) -> None:
         await publish(topics.deadletter, None, d.model_dump_json().encode())
         m_dead.inc(1, d.code)
-        await state._count(f"deadletter:{d.code}")
-        await state._count("deadlettered")
+        # the record may be republished after a crash (at-least-once; consumers dedupe by
+        # its source coordinates); the counters in Redis count it once
+        await state.count_deadletter(d.src_topic, d.src_partition, d.src_offset, d.code)
 
     if "normalize" in wanted:
         normalizer = Normalizer(settings, platforms)

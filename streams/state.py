@@ -26,6 +26,8 @@ Redis keys (prefix ``XREC_REDIS_PREFIX``, default ``xrec:``), all keyed by pseud
 user keys only::
 
     wm:<epoch>:<unified topic>:<q>  hash  "<src topic>:<src partition>" → offset
+    dlwm:<epoch>                    hash  "<src topic>:<src partition>" → highest offset
+                                          whose dead letter was counted (exactly once)
     u:<user>:<platform>:recent      list  newest first, JSON [item, label, weight, time, kind]
     u:<user>:<platform>:seen        zset  item → last event time (consumed items, capped)
     u:<user>:eids                   zset  event id → event time (dedup, capped)
@@ -72,6 +74,7 @@ _Pop = tuple[list[tuple[str, float]], dict[str, float]]
 _LUA_DIR = Path(__file__).parent / "lua"
 _LUA_APPLY = (_LUA_DIR / "apply.lua").read_text()
 _LUA_UNSEEN = (_LUA_DIR / "unseen.lua").read_text()
+_LUA_DEADLETTER = (_LUA_DIR / "deadletter.lua").read_text()
 
 
 def redis_from_url(url: str, timeout_s: float | None = None, decode: bool = True
@@ -141,6 +144,7 @@ class RedisState:
         self.epoch = epoch
         self._apply_script = redis.register_script(_LUA_APPLY)
         self._unseen_script = redis.register_script(_LUA_UNSEEN)
+        self._deadletter_script = redis.register_script(_LUA_DEADLETTER)
         self.on_error: Any = None  # called on every retried Redis error (metrics)
         self._pop_cache: dict[str, tuple[float, _Pop]] = {}
         self._co_cache: dict[tuple[str, str], tuple[float, list[tuple[str, float]]]] = {}
@@ -167,6 +171,15 @@ class RedisState:
                 await self._count("redis_errors")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+    async def count_deadletter(self, src_topic: str, src_partition: int, src_offset: int,
+                               code: str) -> bool:
+        """``deadlettered`` and ``deadletter:<code>`` + 1, exactly once per source record
+        (a watermark per source partition, like the state's); waits out Redis outages."""
+        keys = [self.k("dlwm", self.epoch), self.k("stats")]
+        args = [f"{src_topic}:{src_partition}", src_offset, code]
+        return bool(await self._retry("dead-letter count", lambda: self._deadletter_script(
+            keys=keys, args=args)))
 
     async def _count(self, name: str, n: int = 1) -> None:
         try:

@@ -147,3 +147,19 @@ def test_history_is_ordered_by_event_time_whatever_the_platform_interleaving(sta
             stack.redis_url, f"{ns}{k}:", skip=lambda rest: rest.startswith(
                 ("stats", "wm:", "co:", "pop"))).items()}
     assert dumps["video first"] == dumps["music first"] == dumps["mixed"]
+
+
+def test_dead_letters_are_counted_once_per_source_record(state):
+    async def go():
+        got = [await state.count_deadletter("events.video", 1, 7, "schema"),
+               await state.count_deadletter("events.video", 1, 7, "schema"),  # redelivered
+               await state.count_deadletter("events.video", 0, 7, "too_deep"),
+               await state.count_deadletter("events.video", 1, 5, "schema"),  # before: seen
+               await state.count_deadletter("events.video", 1, 9, "invalid_json")]
+        return got, await state.stats()
+
+    got, st = run(go())
+    assert got == [True, False, True, False, True]
+    assert st["deadlettered"] == 3
+    assert (st["deadletter:schema"], st["deadletter:too_deep"], st["deadletter:invalid_json"]) \
+        == (1, 1, 1)

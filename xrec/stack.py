@@ -135,19 +135,45 @@ def start_tansu(workdir: Path, port: int | None = None) -> Service:
     return svc
 
 
-def start_redis(workdir: Path, port: int | None = None) -> Service:
+def start_redis(workdir: Path, port: int | None = None, durable: bool = False) -> Service:
+    """``durable``: an append-only file fsynced on every write, so a Redis killed and
+    restarted on the same folder has every write it acknowledged (what the exactly-once
+    guarantee needs of a production Redis: ``appendfsync always``, or a replica + WAIT)."""
     port = port or free_port()
+    persist = ["--appendonly", "yes", "--appendfsync", "always"] if durable else \
+        ["--appendonly", "no"]
     argv = [str(redis_binary()), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--dir", str(workdir), "--daemonize", "no"]
+            *persist, "--dir", str(workdir), "--daemonize", "no"]
     proc, log_path, fh = _popen("redis", argv, workdir)
     svc = Service("redis", proc, f"redis://127.0.0.1:{port}/0", log_path, fh)
     try:
         _wait_port(port, proc, "redis", 20)
+        _wait_loaded(svc.url, proc, 120)
     except StackError:
         tail = svc.log_tail()
         svc.stop()
         raise StackError(f"the embedded Redis failed to start:\n{tail}") from None
     return svc
+
+
+def _wait_loaded(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """A restarted durable Redis answers LOADING until it has read its append-only file."""
+    import redis as redis_sync
+
+    r = redis_sync.Redis.from_url(url, socket_timeout=2)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise StackError(f"redis exited with code {proc.returncode} during start")
+            try:
+                r.ping()
+                return
+            except redis_sync.exceptions.BusyLoadingError:
+                time.sleep(0.1)
+    finally:
+        r.close()
+    raise StackError(f"redis was still loading its data after {timeout:.0f}s")
 
 
 def create_topics(bootstrap: str, names: Iterable[str], partitions: int | dict[str, int],

@@ -1,0 +1,482 @@
+"""Chaos: crashes, outages and hostile input on the embedded stack, checked against an
+uninterrupted run.
+
+On a fresh embedded stack (Tansu + a durable Redis: append-only file, fsync always):
+
+1. ``xrec simulate`` writes ``--events`` events (three platforms) with ``--hostile`` of
+   them followed by a hostile record: 18 kinds of malformed events (each with the
+   dead-letter reason it must get) and re-sent events (same event id, must apply once).
+2. A worker (all agents, learned model on unless ``--no-model``) consumes them while they
+   are replayed at ``--rate``. At random points of its progress (seeded) the benchmark
+   kills the worker with SIGKILL ``--kills`` times (and starts a new one), kills Redis
+   with SIGKILL and restarts it ``--down-s`` later on the same port and files, and pauses
+   the broker (SIGSTOP) for ``--down-s``.
+3. When everything has drained, the same valid events go through an uninterrupted
+   in-process run (normalize → the same state script) under another Redis prefix, and
+   the two final user states are compared.
+
+Figures (``--json``: the last stdout line is one JSON object with exactly these keys):
+
+* ``events``: records replayed (valid + hostile); ``kills``: worker SIGKILLs done;
+* ``lost``: events the uninterrupted run applied that the chaos run did not;
+* ``double_applied``: applications beyond one per event (the applied counter minus the
+  distinct applied event ids, plus per-user event counts above the reference);
+* ``state_equal``: every user's state is identical (users, applied event ids with their
+  times, per-platform recent lists, seen items, counters, the cross-platform history)
+  and per-platform popularity agrees (up to float summation order);
+* ``deadlettered_expected`` (from the simulator's ground truth) and ``deadlettered``:
+  distinct source records on the dead-letter topic (a crash can publish one twice:
+  at-least-once; its source coordinates identify it);
+* ``worker_crashes_on_bad_input``: worker exits we did not cause plus agent crashes in
+  the worker logs (any cause counts).
+
+Not compared: co-occurrence neighbour lists (trimmed per micro-batch, so they depend on
+how events were batched), the recommendation cache (TTL), offset watermarks (differ by
+design), global counters (they count redeliveries).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import redis as redis_sync  # noqa: E402
+
+from producers.files import read_records  # noqa: E402
+from producers.replay import Replayer, Source  # noqa: E402
+from producers.simulate import SimConfig, simulate  # noqa: E402
+from streams.platforms import load_platforms  # noqa: E402
+from streams.settings import Settings  # noqa: E402
+from streams.topics import Topics  # noqa: E402
+from xrec.stack import (  # noqa: E402
+    Service,
+    create_topics,
+    sigterm_as_interrupt,
+    start_redis,
+    start_tansu,
+    start_worker,
+    wait_worker_ready,
+)
+
+KEYS = ("events", "kills", "lost", "double_applied", "state_equal", "deadlettered_expected",
+        "deadlettered", "worker_crashes_on_bad_input")
+PREFIX, REF = "chaos:", "ref:"
+T0 = time.monotonic()
+
+
+def log(msg: str) -> None:
+    print(f"[chaos {time.monotonic() - T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+class Stats:
+    """Reads the worker's Redis counters; tolerates Redis being down."""
+
+    def __init__(self, url: str) -> None:
+        self.r = redis_sync.Redis.from_url(url, decode_responses=True, socket_timeout=2,
+                                           socket_connect_timeout=2)
+
+    def get(self) -> dict[str, int] | None:
+        try:
+            return {k: int(v) for k, v in self.r.hgetall(f"{PREFIX}stats").items()}
+        except (redis_sync.ConnectionError, redis_sync.TimeoutError, OSError):
+            return None
+
+
+def read_topic(bootstrap: str, topic: str) -> list[tuple[int, int, bytes]]:
+    """Every record of a topic as (partition, offset, value)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                      fetch_max_wait_ms=100)
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or [])]
+        if not tps:
+            return []
+        c.assign(tps)
+        c.seek_to_beginning(*tps)
+        out: list[tuple[int, int, bytes]] = []
+        idle = time.monotonic()
+        while time.monotonic() - idle < 3.0:
+            got = c.poll(timeout_ms=300)
+            for recs in got.values():
+                out += [(r.partition, r.offset, r.value) for r in recs]
+                idle = time.monotonic()
+        return out
+    finally:
+        c.close()
+
+
+def dump_users(r: redis_sync.Redis, prefix: str) -> dict[str, Any]:
+    """Every per-user key (u:*) and the users set, with values, keyed without the prefix."""
+    out: dict[str, Any] = {}
+    keys = list(r.scan_iter(f"{prefix}u:*", count=5000))
+    pipe = r.pipeline(transaction=False)
+    for k in keys:
+        pipe.type(k)
+    types = pipe.execute()
+    pipe = r.pipeline(transaction=False)
+    for k, t in zip(keys, types, strict=True):
+        if t == "list":
+            pipe.lrange(k, 0, -1)
+        elif t == "zset":
+            pipe.zrange(k, 0, -1, withscores=True)
+        elif t == "hash":
+            pipe.hgetall(k)
+        else:
+            pipe.get(k)
+    for k, v in zip(keys, pipe.execute(), strict=True):
+        out[k[len(prefix):]] = v
+    out["users"] = sorted(r.smembers(f"{prefix}users"))
+    return out
+
+
+def popularity(r: redis_sync.Redis, prefix: str, platforms: list[str]) -> dict[str, dict]:
+    """Per platform item → score / max score: the decay anchor (first event seen) differs
+    between runs, a common factor that this removes."""
+    out = {}
+    for p in platforms:
+        z = dict(r.zrange(f"{prefix}pop:{p}", 0, -1, withscores=True))
+        top = max(z.values(), default=1.0) or 1.0
+        out[p] = {k: v / top for k, v in z.items()}
+    return out
+
+
+async def reference_run(settings: Settings, sources: list[tuple[str, Path]], history: int
+                        ) -> None:
+    """The uninterrupted run: each platform's log normalized and applied in order, in
+    micro-batches, by the same script the worker uses."""
+    from streams.normalize import Normalizer
+    from streams.records import Interaction
+    from streams.state import RedisState, redis_from_url
+
+    platforms = load_platforms(settings.platforms_path)
+    norm = Normalizer(settings, platforms)
+    state = RedisState(redis_from_url(settings.redis_url or ""), settings, "reference")
+    for p, path in sources:
+        batch: list[tuple[int, Interaction]] = []
+        for off, raw in enumerate(read_records(path)):
+            out = norm.normalize(raw, topic=f"events.{p}", partition=0, offset=off,
+                                 timestamp_ms=None, platform=p)
+            if isinstance(out, Interaction):
+                batch.append((0, out))
+            if len(batch) >= 500:
+                await state.apply(batch, history=history)
+                batch = []
+        if batch:
+            await state.apply(batch, history=history)
+    await state.r.aclose()
+
+
+def worker_env(bootstrap: str, redis_url: str, model: bool, epoch: str) -> dict[str, str]:
+    return {"KAFKA_BOOTSTRAP_SERVERS": bootstrap, "REDIS_URL": redis_url, "XREC_ENV": "dev",
+            "XREC_REDIS_PREFIX": PREFIX, "XREC_APP_ID": "xrec-chaos",
+            "XREC_EID_KEEP": "10000000",  # a complete ledger of applied event ids
+            "XREC_MODEL_ENABLED": "true" if model else "false", "XREC_STATE_EPOCH": epoch,
+            "XREC_LOG_LEVEL": "INFO"}
+
+
+def plan_faults(rng: random.Random, kills: int) -> list[tuple[float, str]]:
+    """Fault points as fractions of the valid events applied, at least 0.06 apart."""
+    names = ["kill"] * kills + ["redis", "broker"]
+    rng.shuffle(names)
+    while True:
+        at = sorted(rng.uniform(0.08, 0.85) for _ in names)
+        if all(b - a >= 0.06 for a, b in zip(at, at[1:], strict=False)):
+            return list(zip(at, names, strict=True))
+
+
+def main() -> None:
+    with sigterm_as_interrupt():  # Ctrl-C / SIGTERM: the finally below stops what we started
+        try:
+            run()
+        except KeyboardInterrupt:
+            log("interrupted; stopped what was started")
+            raise SystemExit(130) from None
+
+
+def run() -> None:  # noqa: C901, PLR0912, PLR0915 - one linear script
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--events", type=int, default=50_000, help="valid events (default 50,000)")
+    ap.add_argument("--hostile", type=float, default=0.02,
+                    help="share of events followed by a hostile record (default 0.02)")
+    ap.add_argument("--kills", type=int, default=3, help="worker SIGKILLs (default 3)")
+    ap.add_argument("--down-s", type=float, default=6.0,
+                    help="seconds Redis stays down and the broker stays paused (default 6)")
+    ap.add_argument("--rate", type=float, default=800.0,
+                    help="replay rate, records/s (default 800)")
+    ap.add_argument("--seed", type=int, default=1, help="stream and fault schedule seed")
+    ap.add_argument("--no-model", action="store_true", help="popularity ⊕ co-occurrence only")
+    ap.add_argument("--workdir", type=Path, help="keep logs and files here")
+    ap.add_argument("--drain-timeout", type=float, default=600.0)
+    ap.add_argument("--json", action="store_true", help="last stdout line: the JSON figures")
+    a = ap.parse_args()
+    if a.kills < 0 or not 0 <= a.hostile < 1 or a.down_s < 5:
+        ap.error("--kills ≥ 0, 0 ≤ --hostile < 1, --down-s ≥ 5")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    model = not a.no_model
+    rng = random.Random(a.seed)
+    wd = a.workdir or Path(tempfile.mkdtemp(prefix="xrec-chaos-"))
+    wd.mkdir(parents=True, exist_ok=True)
+    log(f"working folder {wd}")
+    man = simulate(SimConfig(events=a.events, malformed=a.hostile, seed=a.seed), wd / "sim")
+    expected_dl = sum(man["deadletter_expected"].values())
+    log(f"simulated {man['events']:,} records: {man['valid_events']:,} valid events, "
+        f"{man['malformed']:,} malformed, {man['duplicates']:,} re-sent")
+
+    services: list[Service] = []
+    workers: list[Service] = []
+    timeline: list[dict[str, Any]] = []
+    crashes_unexpected = 0
+    try:
+        tansu = start_tansu(wd)
+        services.append(tansu)
+        redis_dir = wd / "redis"
+        rsvc = start_redis(redis_dir, durable=True)
+        redis_port = int(rsvc.url.rsplit(":", 1)[1].split("/")[0])
+        url = rsvc.url
+        s = Settings(env="dev", kafka_bootstrap_servers=tansu.url, redis_url=url,
+                     redis_prefix=PREFIX, eid_keep=10_000_000, model_enabled=model)
+        topics = Topics(s)
+        platforms = load_platforms("")
+        plan = topics.plan(platforms, s.partitions)
+        create_topics(tansu.url, plan, plan)
+        env = worker_env(tansu.url, url, model, uuid.uuid4().hex[:12])
+        stats = Stats(url)
+
+        def new_worker() -> Service:
+            w = start_worker(wd, env, name=f"worker-{len(workers)}")
+            workers.append(w)
+            wait_worker_ready(url, PREFIX, w, timeout=180)
+            return w
+
+        w = new_worker()
+        log(f"worker pid {w.pid} ready")
+        sim = wd / "sim"
+        rep = Replayer(tansu.url)
+        rep.replay([Source(sim / f, topics.catalog(p), None)
+                    for p, f in man["files"]["catalog"].items()], progress=False)
+        n_items = sum(man["items"].values())
+        deadline = time.monotonic() + 300
+        while (stats.get() or {}).get("catalog_items", 0) < n_items:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"catalog not stored in time:\n{w.log_tail()}")
+            time.sleep(0.3)
+        log(f"catalog stored ({n_items:,} items)")
+
+        ev_sources = [(p, sim / f) for p, f in man["files"]["events"].items()]
+        replay_err: list[BaseException] = []
+
+        def replay() -> None:
+            try:
+                rep.replay([Source(f, topics.events(p), platforms[p]) for p, f in ev_sources],
+                           rate=a.rate, progress=False)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                replay_err.append(exc)
+
+        faults = plan_faults(rng, a.kills)
+        log("fault plan: " + ", ".join(f"{n} at {f:.0%}" for f, n in faults))
+        t_replay = time.monotonic()
+        th = threading.Thread(target=replay, daemon=True)
+        th.start()
+        valid = man["valid_events"]
+        kills = 0
+        for frac, name in faults:
+            while True:
+                st = stats.get() or {}
+                if st.get("events_applied", 0) >= frac * valid:
+                    break
+                if not w.alive():
+                    crashes_unexpected += 1
+                    log(f"worker {w.pid} exited by itself (code {w.proc.returncode}); "
+                        "restarting")
+                    w = new_worker()
+                time.sleep(0.1)
+            at = st.get("events_applied", 0)
+            t = time.monotonic()
+            if name == "kill":
+                os.kill(w.pid, signal.SIGKILL)
+                w.proc.wait(10)
+                w.stop()
+                kills += 1
+                w = new_worker()
+                log(f"SIGKILL {kills} at {at:,} applied; new worker {w.pid} ready after "
+                    f"{time.monotonic() - t:.1f}s")
+            elif name == "redis":
+                rsvc.proc.send_signal(signal.SIGKILL)
+                rsvc.proc.wait(10)
+                rsvc.stop()
+                time.sleep(a.down_s)
+                rsvc = start_redis(redis_dir, port=redis_port, durable=True)
+                log(f"Redis killed at {at:,} applied, restarted after "
+                    f"{time.monotonic() - t:.1f}s down")
+            else:
+                os.kill(tansu.pid, signal.SIGSTOP)
+                try:
+                    time.sleep(a.down_s)
+                finally:
+                    os.kill(tansu.pid, signal.SIGCONT)
+                log(f"broker paused at {at:,} applied for {time.monotonic() - t:.1f}s")
+            timeline.append({"fault": name, "at_applied": at,
+                             "down_s": round(time.monotonic() - t, 1)})
+        th.join()
+        rep.close()
+        if replay_err:
+            raise SystemExit(f"replay failed: {replay_err[0]!r}")
+        log(f"replay done in {time.monotonic() - t_replay:.0f}s; draining")
+
+        deadline = time.monotonic() + a.drain_timeout
+        last: dict[str, int] | None = None
+        quiet_since = time.monotonic()
+        while time.monotonic() < deadline:
+            if not w.alive():
+                crashes_unexpected += 1
+                log(f"worker {w.pid} exited by itself (code {w.proc.returncode}); restarting")
+                w = new_worker()
+            st = stats.get() or {}
+            if st != last:
+                last, quiet_since = st, time.monotonic()
+            applied_all = st.get("events_applied", 0) >= valid
+            done = applied_all and st.get("deadlettered", 0) >= expected_dl
+            quiet = time.monotonic() - quiet_since
+            if (done and quiet > 3.0) or (applied_all and quiet > 30.0):
+                break
+            time.sleep(0.3)
+        else:
+            log("drain timeout: reporting what arrived")
+        drain_s = time.monotonic() - t_replay
+        st = stats.get() or {}
+        r = redis_sync.Redis.from_url(url, decode_responses=True)
+
+        # --- the chaos run's results
+        dls = read_topic(tansu.url, topics.deadletter)
+        dl_sources = {(d["src_topic"], d["src_partition"], d["src_offset"]): d["code"]
+                      for d in (json.loads(v) for _, _, v in dls)}
+        by_code = Counter(dl_sources.values())
+        heads: dict[str, Any] = {}
+        if model:
+            from models.heads import load_model
+
+            vs = [json.loads(v)["version"] for _, _, v in
+                  sorted(read_topic(tansu.url, topics.heads))]
+            rb = redis_sync.Redis.from_url(url)
+            blob = rb.get(f"{PREFIX}heads:blob")
+            ok = False
+            if blob:
+                m = load_model(blob)
+                ok = all(bool(p.isfinite().all()) for p in m.parameters())
+            heads = {"versions": len(vs), "monotonic": all(b > a_ for a_, b in
+                                                           zip(vs, vs[1:], strict=False)),
+                     "final_version": int(rb.get(f"{PREFIX}heads:version") or 0),
+                     "final_loads_and_finite": ok}
+        logs = [x.log_path.read_text(errors="replace") if x.log_path else "" for x in workers]
+        agent_crashes = sum(t.count("Crashed reason=") for t in logs)
+        # Redis errors are counted in Redis too, which fails while it is down: the logs
+        redis_retries = sum(t.count("redis unavailable during") for t in logs)
+        for x in workers:
+            x.stop()
+
+        # --- the uninterrupted run over the same records
+        log("uninterrupted in-process run")
+        ref_settings = Settings(env="dev", redis_url=url, redis_prefix=REF,
+                                eid_keep=10_000_000, model_enabled=model)
+        asyncio.run(reference_run(ref_settings, ev_sources, s.hist_len if model else 0))
+        ref_st = {k: int(v) for k, v in r.hgetall(f"{REF}stats").items()}
+        a_users, b_users = dump_users(r, PREFIX), dump_users(r, REF)
+
+        def eids(d: dict[str, Any]) -> set[str]:
+            return {e for k, v in d.items() if k.endswith(":eids") for e, _ in v}
+
+        ea, eb = eids(a_users), eids(b_users)
+        lost = len(eb - ea)
+        extra = len(ea - eb)
+        per_user_over = 0
+        for k, v in b_users.items():
+            if k.endswith(":stats"):
+                got = a_users.get(k) or {}
+                per_user_over += sum(max(0, int(got.get(f, 0)) - int(n))
+                                     for f, n in v.items() if f.endswith(":events"))
+        double = max(0, st.get("events_applied", 0) - len(ea)) + per_user_over
+        diff_keys = sorted(k for k in set(a_users) | set(b_users)
+                           if a_users.get(k) != b_users.get(k))
+        pa, pb = popularity(r, PREFIX, list(platforms)), popularity(r, REF, list(platforms))
+        pop_ok = all(set(pa[p]) == set(pb[p]) and all(
+            math.isclose(pa[p][i], pb[p][i], rel_tol=1e-6, abs_tol=1e-9) for i in pa[p])
+            for p in platforms)
+        state_equal = not diff_keys and pop_ok and bool(a_users.get("users"))
+        crashes = crashes_unexpected + agent_crashes
+
+        print(f"chaos run: {man['events']:,} records ({valid:,} valid events, "
+              f"{man['malformed']:,} malformed, {man['duplicates']:,} re-sent) at "
+              f"{a.rate:,.0f}/s, seed {a.seed}, model {'on' if model else 'off'}")
+        for f in timeline:
+            print(f"  {f['fault']:<7} at {f['at_applied']:>7,} applied, "
+                  f"{f['down_s']:>5.1f}s")
+        print(f"  replay + faults + drain: {drain_s:.0f}s; worker processes: {len(workers)}")
+        print(f"applied {st.get('events_applied', 0):,} (reference "
+              f"{ref_st.get('events_applied', 0):,}); re-sent skipped "
+              f"{st.get('duplicates_event', 0):,} (reference "
+              f"{ref_st.get('duplicates_event', 0):,}); redelivered skipped "
+              f"{st.get('duplicates_offset', 0):,}")
+        print(f"lost {lost}, double applied {double}, applied but not in the reference "
+              f"{extra}")
+        print(f"user state equal: {not diff_keys} ({len(a_users):,} keys"
+              + (f"; {len(diff_keys)} differ, e.g. {diff_keys[:3]}" if diff_keys else "")
+              + f"); popularity equal: {pop_ok}")
+        print(f"dead letters: {len(dl_sources):,} distinct source records "
+              f"({len(dls):,} records on the topic; counter {st.get('deadlettered', 0):,}), "
+              f"expected {expected_dl:,}; by reason "
+              f"{dict(sorted(by_code.items()))}")
+        if by_code != Counter(man["deadletter_expected"]):
+            print(f"  expected by reason {dict(sorted(man['deadletter_expected'].items()))}")
+        print(f"worker exits we did not cause: {crashes_unexpected}; agent crashes in logs: "
+              f"{agent_crashes}; Redis calls retried (worker logs): {redis_retries:,}")
+        if heads:
+            print(f"head versions: {heads}")
+        details = {"valid_events": valid, "malformed": man["malformed"],
+                   "resent": man["duplicates"], "applied": st.get("events_applied", 0),
+                   "reference_applied": ref_st.get("events_applied", 0),
+                   "deadletter_records": len(dls), "deadletter_by_reason": dict(by_code),
+                   "faults": timeline, "seconds": round(drain_s, 1),
+                   "popularity_equal": pop_ok, "state_keys": len(a_users),
+                   "state_keys_differing": len(diff_keys), "heads": heads,
+                   "worker_processes": len(workers), "redis_retries_logged": redis_retries,
+                   "deadlettered_counter": st.get("deadlettered", 0)}
+        print("details " + json.dumps(details))
+        out = {"events": man["events"], "kills": kills, "lost": lost,
+               "double_applied": double, "state_equal": state_equal,
+               "deadlettered_expected": expected_dl, "deadlettered": len(dl_sources),
+               "worker_crashes_on_bad_input": crashes}
+        assert tuple(out) == KEYS
+        if a.json:
+            print(json.dumps(out), flush=True)
+    finally:
+        for x in workers:
+            with contextlib.suppress(Exception):
+                x.stop()
+        with contextlib.suppress(Exception):
+            rsvc.stop()  # type: ignore[possibly-undefined]
+        for svc in reversed(services):
+            with contextlib.suppress(Exception):
+                svc.stop()
+
+
+if __name__ == "__main__":
+    main()
