@@ -5,7 +5,7 @@ BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install dev once test lint bench clean
+.PHONY: help install dev once test lint bench chaos clean
 
 help: ## show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -35,6 +35,9 @@ lint: $(STAMP) ## ruff
 
 bench: $(STAMP) ## throughput + latency vs a bare Faust agent (prints JSON last)
 	$(BIN)/python bench/throughput.py --json
+
+chaos: $(STAMP) ## kills, outages, hostile input vs an uninterrupted run (prints JSON last)
+	$(BIN)/python bench/chaos.py --json
 
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -184,6 +184,23 @@ async def reference_run(settings: Settings, sources: list[tuple[str, Path]], his
     await state.r.aclose()
 
 
+def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Run ``a`` against reference ``b``: events lost (ids only in b), extra (only in a),
+    per-user event counts above b, and every key whose value differs."""
+    def eids(d: dict[str, Any]) -> set[str]:
+        return {e for k, v in d.items() if k.endswith(":eids") for e, _ in v}
+
+    ea, eb = eids(a), eids(b)
+    over = 0
+    for k, v in b.items():
+        if k.endswith(":stats"):
+            got = a.get(k) or {}
+            over += sum(max(0, int(got.get(f, 0)) - int(n)) for f, n in v.items()
+                        if f.endswith(":events"))
+    return {"lost": len(eb - ea), "extra": len(ea - eb), "over": over, "applied_ids": len(ea),
+            "diff_keys": sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))}
+
+
 def worker_env(bootstrap: str, redis_url: str, model: bool, epoch: str) -> dict[str, str]:
     return {"KAFKA_BOOTSTRAP_SERVERS": bootstrap, "REDIS_URL": redis_url, "XREC_ENV": "dev",
             "XREC_REDIS_PREFIX": PREFIX, "XREC_APP_ID": "xrec-chaos",
@@ -401,26 +418,27 @@ def run() -> None:  # noqa: C901, PLR0912, PLR0915 - one linear script
         ref_st = {k: int(v) for k, v in r.hgetall(f"{REF}stats").items()}
         a_users, b_users = dump_users(r, PREFIX), dump_users(r, REF)
 
-        def eids(d: dict[str, Any]) -> set[str]:
-            return {e for k, v in d.items() if k.endswith(":eids") for e, _ in v}
-
-        ea, eb = eids(a_users), eids(b_users)
-        lost = len(eb - ea)
-        extra = len(ea - eb)
-        per_user_over = 0
-        for k, v in b_users.items():
-            if k.endswith(":stats"):
-                got = a_users.get(k) or {}
-                per_user_over += sum(max(0, int(got.get(f, 0)) - int(n))
-                                     for f, n in v.items() if f.endswith(":events"))
-        double = max(0, st.get("events_applied", 0) - len(ea)) + per_user_over
-        diff_keys = sorted(k for k in set(a_users) | set(b_users)
-                           if a_users.get(k) != b_users.get(k))
+        cmp = compare(a_users, b_users)
+        lost, extra, diff_keys = cmp["lost"], cmp["extra"], cmp["diff_keys"]
+        double = max(0, st.get("events_applied", 0) - cmp["applied_ids"]) + cmp["over"]
         pa, pb = popularity(r, PREFIX, list(platforms)), popularity(r, REF, list(platforms))
         pop_ok = all(set(pa[p]) == set(pb[p]) and all(
             math.isclose(pa[p][i], pb[p][i], rel_tol=1e-6, abs_tol=1e-9) for i in pa[p])
             for p in platforms)
         state_equal = not diff_keys and pop_ok and bool(a_users.get("users"))
+        # control: the same comparison on a copy of the reference with one event lost (its
+        # id gone) and one applied twice (a recent entry and a counter repeated)
+        k_recent = next(k for k, v in b_users.items() if k.endswith(":recent") and v)
+        k_eids = next(k for k, v in b_users.items() if k.endswith(":eids") and v)
+        k_stats = k_recent.rsplit(":", 2)[0] + ":stats"
+        p_ = k_recent.rsplit(":", 2)[1]
+        planted = dict(b_users, **{
+            k_recent: [b_users[k_recent][0], *b_users[k_recent]],
+            k_eids: b_users[k_eids][1:],
+            k_stats: {**b_users[k_stats], f"{p_}:events": str(
+                int(b_users[k_stats][f"{p_}:events"]) + 1)}})
+        pc = compare(planted, b_users)
+        control = pc["lost"] == 1 and pc["over"] == 1 and len(pc["diff_keys"]) == 3
         crashes = crashes_unexpected + agent_crashes
 
         print(f"chaos run: {man['events']:,} records ({valid:,} valid events, "
@@ -440,6 +458,7 @@ def run() -> None:  # noqa: C901, PLR0912, PLR0915 - one linear script
         print(f"user state equal: {not diff_keys} ({len(a_users):,} keys"
               + (f"; {len(diff_keys)} differ, e.g. {diff_keys[:3]}" if diff_keys else "")
               + f"); popularity equal: {pop_ok}")
+        print(f"control: a planted double application and loss are seen: {control}")
         print(f"dead letters: {len(dl_sources):,} distinct source records "
               f"({len(dls):,} records on the topic; counter {st.get('deadlettered', 0):,}), "
               f"expected {expected_dl:,}; by reason "
@@ -458,7 +477,8 @@ def run() -> None:  # noqa: C901, PLR0912, PLR0915 - one linear script
                    "popularity_equal": pop_ok, "state_keys": len(a_users),
                    "state_keys_differing": len(diff_keys), "heads": heads,
                    "worker_processes": len(workers), "redis_retries_logged": redis_retries,
-                   "deadlettered_counter": st.get("deadlettered", 0)}
+                   "deadlettered_counter": st.get("deadlettered", 0),
+                   "comparison_control": control}
         print("details " + json.dumps(details))
         out = {"events": man["events"], "kills": kills, "lost": lost,
                "double_applied": double, "state_equal": state_equal,

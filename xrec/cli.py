@@ -73,7 +73,8 @@ def cli() -> None:
 @click.option("--rate", default=200.0, show_default=True,
               help="replay rate, events/s (0 = as fast as possible)")
 @click.option("--malformed", default=0.01, show_default=True,
-              help="fraction of malformed events injected (they must be dead-lettered)")
+              help="fraction of events followed by a hostile record: one of 18 malformed "
+              "kinds (must be dead-lettered) or the same event re-sent (applied once)")
 @click.option("--once", is_flag=True, help="run the loop once and exit (default: stay up)")
 @click.option("--json", "as_json", is_flag=True,
               help="print a JSON summary as the last stdout line (progress goes to stderr)")
@@ -275,7 +276,9 @@ def platforms(as_json: bool) -> None:
 @click.option("--users", default=None, type=int, help="default: events/40, at least 50")
 @click.option("--items-per-theme", default=30, show_default=True)
 @click.option("--malformed", default=0.0, show_default=True,
-              help="fraction of malformed events to inject (dead-letter tests)")
+              help="fraction of events followed by a hostile record: one of 18 malformed "
+              "kinds (each with the dead-letter reason it must get, in manifest.json) or the "
+              "same event re-sent (must be applied once)")
 @click.option("--ingest", "ingest_events", default=0, show_default=True,
               help="extra mixed-platform events for the ingest topic (1 in 5 unknown platform)")
 @click.option("--seed", default=7, show_default=True)
@@ -308,7 +311,8 @@ def simulate(out: Path, events: int, users: int | None, items_per_theme: int, ma
     if as_json:
         click.echo(json.dumps(m))
     else:
-        click.echo(f"wrote {m['events']:,} events ({m['malformed']} malformed) for "
+        click.echo(f"wrote {m['events']:,} events ({m['malformed']} malformed, "
+                   f"{m['duplicates']} re-sent) for "
                    f"{m['users']:,} users and {sum(m['items'].values()):,} items to {out}/")
         for d in m["drift"]:
             click.echo(f"  drift: {d['kind']} from valid event {d['at_event']:,}"
