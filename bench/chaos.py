@@ -30,6 +30,11 @@ Figures (``--json``: the last stdout line is one JSON object with exactly these 
 * ``worker_crashes_on_bad_input``: worker exits we did not cause plus agent crashes in
   the worker logs (any cause counts).
 
+The stream has no ingest-topic events: they carry no key, so one person's events there
+have no defined order and an uninterrupted run could not be the same run. A comparison
+control (one event lost and one applied twice, planted in a copy of the reference) shows
+the comparison sees both.
+
 Not compared: co-occurrence neighbour lists (trimmed per micro-batch, so they depend on
 how events were batched), the recommendation cache (TTL), offset watermarks (differ by
 design), global counters (they count redeliveries).
