@@ -83,3 +83,18 @@ def test_chinese_titles_do_not_fail(encoders):
 def test_unknown_backend():
     with pytest.raises(ValueError, match="choose from"):
         load_encoder(EncoderConfig(backend="tpu"))
+
+
+def test_a_vector_depends_on_its_text_alone(encoders):
+    """Dynamic int8 quantization scales activations per input tensor: batched, a text's
+    vector moved with its neighbours (cosine 0.977 at worst), so the same catalog could
+    encode differently depending on arrival timing. Every backend must be batch-blind."""
+    texts = ["Requiem", "Starlight Drive (Acoustic) by Nova",
+             "A crew of astronauts drifts past Jupiter toward the edge of the solar system",
+             "cooking pasta in an italian kitchen"]
+    for name, enc in encoders.items():
+        together = enc.encode(texts)
+        alone = np.vstack([enc.encode([t])[0] for t in texts])
+        other = enc.encode([texts[0], "zzz " * 40])[0]
+        assert np.abs(together - alone).max() < 1e-4, name
+        assert np.abs(other - alone[0]).max() < 1e-4, name
