@@ -533,20 +533,29 @@ def create_app(settings: Settings, platforms: PlatformRegistry | None = None,
 
     stalled: dict[str, str] = {}
 
-    def consumer_lag() -> dict[str, int]:
-        """Per topic: the broker's high watermark (from fetch responses) minus this
-        worker's committed offset, over its assigned partitions. Apache Kafka reports
-        exact figures; Tansu under-reports when record batches hold several records."""
+    async def consumer_lag() -> dict[str, int]:
+        """Per topic: the broker's log end minus this worker's committed offset, over its
+        assigned partitions. The log end is the larger of what fetch responses said and a
+        ListOffsets request made now: a consumer whose fetching silently stopped still sees
+        new records arrive. Exact on Apache Kafka; Tansu under-reports the log end when
+        record batches hold several records (DESIGN.md), never over-reports it."""
         out: dict[str, int] = {}
         try:
             c = app.consumer
+            tps = list(c.assignment())
+            if not tps:
+                return {}
+            try:
+                asked = await asyncio.wait_for(c.highwaters(*tps), timeout=3.0)
+            except Exception:  # noqa: BLE001 - broker slow or away: fetch responses only
+                asked = {}
             committed = c._committed_offset  # Faust's own bookkeeping (next offset to read)
-            for tp in c.assignment():
-                hw = c.highwater(tp)
+            for tp in tps:
+                hw = max(int(c.highwater(tp) or 0), int(asked.get(tp) or 0))
                 pos = committed.get(tp)
-                if hw is None or pos is None:
+                if pos is None:
                     continue
-                out[tp.topic] = out.get(tp.topic, 0) + max(0, int(hw) - int(pos))
+                out[tp.topic] = out.get(tp.topic, 0) + max(0, hw - int(pos))
         except Exception:  # noqa: BLE001 - not started / rebalancing: unknown this tick
             return {}
         return out
@@ -554,7 +563,7 @@ def create_app(settings: Settings, platforms: PlatformRegistry | None = None,
     @app.timer(min(5.0, settings.stall_after_s / 3))
     async def watchdog() -> None:
         try:
-            lags = consumer_lag()
+            lags = await consumer_lag()
             per_agent: dict[str, int] = {}
             for topic, n in lags.items():
                 g_lag.set(n, topic)

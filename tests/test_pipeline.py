@@ -113,7 +113,9 @@ def test_whole_loop(stack, ns, worker_factory, sim, tmp_path):
                                                  or recs[-1].model_dump_json())
     assert cached.platform
 
-    # --- catalog landed in Redis with its text
+    # --- catalog landed in Redis with its text (it is encoded alongside the events)
+    wait_for(lambda: int(r.hget(f"{ns}:stats", "catalog_items") or 0)
+             >= sum(man["items"].values()), what="the catalog stored")
     assert r.scard(f"{ns}:items:video") == man["items"]["video"]
     assert "Nebula" in r.hget(f"{ns}:item:video:vid-00000", "text")
 
