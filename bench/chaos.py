@@ -358,6 +358,7 @@ def run() -> None:  # noqa: C901, PLR0912, PLR0915 - one linear script
                 log(f"broker paused at {at:,} applied for {time.monotonic() - t:.1f}s")
             timeline.append({"fault": name, "at_applied": at,
                              "down_s": round(time.monotonic() - t, 1)})
+        recs_at_last_fault = (stats.get() or {}).get("recommendations", 0)
         th.join()
         rep.close()
         if replay_err:
@@ -470,6 +471,8 @@ def run() -> None:  # noqa: C901, PLR0912, PLR0915 - one linear script
               f"{dict(sorted(by_code.items()))}")
         if by_code != Counter(man["deadletter_expected"]):
             print(f"  expected by reason {dict(sorted(man['deadletter_expected'].items()))}")
+        recs_after = st.get("recommendations", 0) - recs_at_last_fault
+        print(f"recommendations published after the last fault: {recs_after:,}")
         print(f"worker exits we did not cause: {crashes_unexpected}; agent crashes in logs: "
               f"{agent_crashes}; Redis calls retried (worker logs): {redis_retries:,}")
         if heads:
@@ -483,7 +486,7 @@ def run() -> None:  # noqa: C901, PLR0912, PLR0915 - one linear script
                    "state_keys_differing": len(diff_keys), "heads": heads,
                    "worker_processes": len(workers), "redis_retries_logged": redis_retries,
                    "deadlettered_counter": st.get("deadlettered", 0),
-                   "comparison_control": control}
+                   "comparison_control": control, "recs_after_last_fault": recs_after}
         print("details " + json.dumps(details))
         out = {"events": man["events"], "kills": kills, "lost": lost,
                "double_applied": double, "state_equal": state_equal,
