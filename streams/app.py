@@ -537,8 +537,9 @@ def create_app(settings: Settings, platforms: PlatformRegistry | None = None,
         """Per topic: the broker's log end, as its fetch responses report it, minus this
         worker's committed offset, over its assigned partitions. Exact on Apache Kafka;
         Tansu under-reports the log end when record batches hold several records
-        (DESIGN.md). Not asked with ListOffsets: measured, asking every 5 s (aiokafka's
-        end_offsets) slowed the worker ~15× (p50 latency 0.6 s → 9 s at 200 events/s)."""
+        (DESIGN.md). Not asked with a ListOffsets per check: a version that did was in
+        the one run where the loop fell behind for good (p50 26 s at 200 events/s); A/B
+        runs afterwards did not show it slower, so the cause is open; kept out."""
         out: dict[str, int] = {}
         try:
             c = app.consumer
