@@ -168,7 +168,6 @@ def create_app(settings: Settings, platforms: PlatformRegistry | None = None,
     app.xrec_metrics = reg  # type: ignore[attr-defined]
     _count_client_errors(m_broker)
     wd = Watchdog(settings.stall_after_s)
-    app.xrec_watchdog = wd  # type: ignore[attr-defined]
     agent_of_topic: dict[str, str] = {}
 
     async def publish(topic: str, key: bytes | None, value: bytes) -> None:
@@ -403,37 +402,37 @@ def create_app(settings: Settings, platforms: PlatformRegistry | None = None,
 
         @app.agent(train_topic, name="xrec.train")
         async def train(stream: Any) -> None:
-            loop = asyncio.get_running_loop()
             if trainer.model is None:
                 await state._retry("trainer start", trainer.start)
             async for events in stream.take_events(settings.train_batch_max,
                                                    settings.train_batch_within_s):
                 wd.begin("train")
-                arrived = time.time()
-                recs = []
-                for ev in events:
-                    try:
-                        recs.append(TrainingExample.model_validate_json(ev.value))
-                    except ValidationError as exc:
-                        log.warning("bad training example skipped: %s", str(exc)[:200])
-                if not recs:
-                    wd.done("train")
-                    continue
-                await react_to_drift()
-                steps = await loop.run_in_executor(train_pool, trainer.learn, recs)
-                if reactions is not None and reactions.tick(len(recs)):
-                    log.info("drift reaction: learning rate back to %g", reactions.base_lr)
-                if not steps:
-                    wd.done("train")
-                    continue
-                blob = await loop.run_in_executor(train_pool, trainer.blob)
-                newest = max(r.produced_at for r in recs)
-                meta = {"batch_arrived_at": arrived, "newest_produced_at": newest}
-                version = await state._retry("head publish", lambda blob=blob, meta=meta:
-                                             trainer.reg.publish(blob, meta))
-                rec = trainer.record(version, len(recs), arrived, newest, len(blob))
-                await publish(topics.heads, None, rec.model_dump_json().encode())
+                await learn_batch(events)
                 wd.done("train")
+
+        async def learn_batch(events: Any) -> None:
+            loop = asyncio.get_running_loop()
+            arrived = time.time()
+            recs = []
+            for ev in events:
+                try:
+                    recs.append(TrainingExample.model_validate_json(ev.value))
+                except ValidationError as exc:
+                    log.warning("bad training example skipped: %s", str(exc)[:200])
+            if not recs:
+                return
+            await react_to_drift()
+            steps = await loop.run_in_executor(train_pool, trainer.learn, recs)
+            if reactions is not None and reactions.tick(len(recs)):
+                log.info("drift reaction: learning rate back to %g", reactions.base_lr)
+            if not steps:
+                return
+            blob = await loop.run_in_executor(train_pool, trainer.blob)
+            newest = max(r.produced_at for r in recs)
+            meta = {"batch_arrived_at": arrived, "newest_produced_at": newest}
+            version = await state._retry("head publish", lambda: trainer.reg.publish(blob, meta))
+            rec = trainer.record(version, len(recs), arrived, newest, len(blob))
+            await publish(topics.heads, None, rec.model_dump_json().encode())
 
     if "catalog" in wanted:
         cat_by_topic = {topics.catalog(p): p for p in platforms}
@@ -533,13 +532,11 @@ def create_app(settings: Settings, platforms: PlatformRegistry | None = None,
 
     stalled: dict[str, str] = {}
 
-    async def consumer_lag() -> dict[str, int]:
+    def consumer_lag() -> dict[str, int]:
         """Per topic: the broker's log end, as its fetch responses report it, minus this
         worker's committed offset, over its assigned partitions. Exact on Apache Kafka;
         Tansu under-reports the log end when record batches hold several records
-        (DESIGN.md). Not asked with a ListOffsets per check: a version that did was in
-        the one run where the loop fell behind for good (p50 26 s at 200 events/s); A/B
-        runs afterwards did not show it slower, so the cause is open; kept out."""
+        (DESIGN.md). No ListOffsets request per check (see the README's note on it)."""
         out: dict[str, int] = {}
         try:
             c = app.consumer
@@ -557,7 +554,7 @@ def create_app(settings: Settings, platforms: PlatformRegistry | None = None,
     @app.timer(min(5.0, settings.stall_after_s / 3))
     async def watchdog() -> None:
         try:
-            lags = await consumer_lag()
+            lags = consumer_lag()
             per_agent: dict[str, int] = {}
             for topic, n in lags.items():
                 g_lag.set(n, topic)

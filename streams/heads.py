@@ -24,7 +24,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import redis.asyncio as aioredis
 import torch
 
 from models.heads import (
@@ -40,6 +39,7 @@ from models.metrics import RankingStats, rank_of
 from models.trainer import Example, OnlineTrainer, TrainConfig
 from streams.records import HeadVersion, QualityWindow, TrainingExample
 from streams.settings import Settings
+from streams.state import redis_from_url
 from streams.vectors import VectorStore
 
 __all__ = ["HeadRegistry", "ModelServer", "TrainerService", "model_config"]
@@ -54,8 +54,7 @@ def model_config(s: Settings, text_dim: int) -> ModelConfig:
 
 class HeadRegistry:
     def __init__(self, url: str, prefix: str, timeout_s: float | None = None) -> None:
-        self.r = aioredis.Redis.from_url(url, decode_responses=False, socket_timeout=timeout_s,
-                                         socket_connect_timeout=timeout_s)
+        self.r = redis_from_url(url, timeout_s, decode=False)
         self.p = prefix
 
     def k(self, name: str) -> str:

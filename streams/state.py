@@ -79,9 +79,10 @@ _LUA_DEADLETTER = (_LUA_DIR / "deadletter.lua").read_text()
 
 def redis_from_url(url: str, timeout_s: float | None = None, decode: bool = True
                    ) -> aioredis.Redis:
-    """The worker's Redis client. With ``timeout_s`` a Redis that stops answering (paused,
-    partitioned) raises after that long, so the call is counted and retried with backoff
-    instead of hanging unseen. Retrying is safe: the apply script is idempotent."""
+    """The worker's Redis clients (state, vectors, head versions). With ``timeout_s`` a
+    Redis that stops answering (paused, partitioned) raises after that long, so the call is
+    counted and retried with backoff instead of hanging unseen. Retrying is safe: the apply
+    script is idempotent."""
     return aioredis.Redis.from_url(url, decode_responses=decode, health_check_interval=10,
                                    socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
 

@@ -18,9 +18,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import redis
-import redis.asyncio as aioredis
 
 from models.index import ItemIndex
+from streams.state import redis_from_url
 
 __all__ = ["VectorStore", "usable_text", "pack", "unpack", "load_index_sync"]
 
@@ -42,8 +42,7 @@ def unpack(b: bytes, dim: int) -> np.ndarray:
 class VectorStore:
     def __init__(self, url: str, prefix: str, encoder_id: str, dim: int,
                  timeout_s: float | None = None) -> None:
-        self.r = aioredis.Redis.from_url(url, decode_responses=False, socket_timeout=timeout_s,
-                                         socket_connect_timeout=timeout_s)
+        self.r = redis_from_url(url, timeout_s, decode=False)
         self.p = prefix
         self.encoder_id = encoder_id
         self.dim = dim

@@ -27,22 +27,30 @@ def applied(r, ns) -> int:
     return int(r.hget(f"{ns}:stats", "events_applied") or 0)
 
 
+def start_and_replay(stack, ns, worker_factory, d, man, **kw):
+    """A worker without the model (this is about the state guarantees: faster restarts,
+    same code path) on this test's topics; the simulated events replayed at 1,500/s.
+    Returns (settings, worker, Redis client)."""
+    url = kw.get("redis_url", stack.redis_url)
+    s = make_settings(stack, ns, platforms_path="", model_enabled=False, **kw)
+    t = Topics(s)
+    reg = load_platforms("")
+    create_all_topics(s)
+    w = worker_factory(s)
+    r = redis_sync.Redis.from_url(url, decode_responses=True)
+    rep = Replayer(stack.bootstrap)
+    rep.replay([Source(d / f, t.events(p), reg[p]) for p, f in man["files"]["events"].items()],
+               rate=1500, progress=False)
+    rep.close()
+    return s, w, r
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_worker_stopped_mid_replay_loses_nothing_and_applies_nothing_twice(
         stack, ns, worker_factory, tmp_path, sig):
     d = tmp_path / "sim"
     man = simulate(SimConfig(events=3000, users=80, malformed=0.02, seed=21), d)
-    # no model: this is about the state guarantees (faster restarts, same code path)
-    s = make_settings(stack, ns, platforms_path="", model_enabled=False)
-    t = Topics(s)
-    reg = load_platforms("")
-    create_all_topics(s)
-    w = worker_factory(s)
-    r = redis_sync.Redis.from_url(stack.redis_url, decode_responses=True)
-    rep = Replayer(stack.bootstrap)
-    rep.replay([Source(d / f, t.events(p), reg[p]) for p, f in man["files"]["events"].items()],
-               rate=1500, progress=False)
-    rep.close()
+    s, w, r = start_and_replay(stack, ns, worker_factory, d, man)
     wait_for(lambda: applied(r, ns) >= 600, what="some events applied")
     assert applied(r, ns) < man["valid_events"]  # stopped mid-stream
     t0 = time.monotonic()
@@ -185,17 +193,8 @@ def test_redis_killed_and_restarted_mid_replay(stack, ns, worker_factory, tmp_pa
     rs = start_redis(rdir, durable=True)
     port = int(rs.url.rsplit(":", 1)[1].split("/")[0])
     try:
-        s = make_settings(stack, ns, platforms_path="", model_enabled=False, redis_url=rs.url,
-                          redis_timeout_s=1.0)
-        t = Topics(s)
-        reg = load_platforms("")
-        create_all_topics(s)
-        w = worker_factory(s)
-        r = redis_sync.Redis.from_url(rs.url, decode_responses=True)
-        rep = Replayer(stack.bootstrap)
-        rep.replay([Source(d / f, t.events(p), reg[p]) for p, f in man["files"]["events"].items()],
-                   rate=1500, progress=False)
-        rep.close()
+        _, w, r = start_and_replay(stack, ns, worker_factory, d, man, redis_url=rs.url,
+                                   redis_timeout_s=1.0)
         wait_for(lambda: applied(r, ns) >= 500, what="some events applied")
         before = applied(r, ns)
         assert before < man["valid_events"]
