@@ -36,13 +36,12 @@ from producers.simulate import SimConfig, simulate  # noqa: E402
 from streams.platforms import load_platforms  # noqa: E402
 from streams.settings import Settings  # noqa: E402
 from streams.topics import Topics  # noqa: E402
-from xrec.dev import Collector  # noqa: E402
+from xrec.dev import Collector, start_workers  # noqa: E402
 from xrec.stack import (  # noqa: E402
     _popen,
     create_topics,
     start_redis,
     start_tansu,
-    start_worker,
     wait_worker_ready,
 )
 
@@ -111,9 +110,15 @@ class Stack:
         return svc
 
     def worker(self):  # type: ignore[no-untyped-def]
+        """The workers `xrec dev` runs (serving + train worker); returns the serving one."""
         env = {"KAFKA_BOOTSTRAP_SERVERS": self.tansu.url, "REDIS_URL": self.redis.url,
                "XREC_ENV": "dev", "XREC_LOG_LEVEL": "INFO"}
-        return self._keep(start_worker(self.wd, env))
+        workers = start_workers(self.wd, env, self.settings)
+        for w in workers:
+            self._keep(w)
+        for w in workers[1:]:
+            wait_worker_ready(self.redis.url, self.settings.redis_prefix, w)
+        return workers[0]
 
     def sources(self, sim: Path, man: dict) -> list[Source]:
         return [Source(sim / f, self.topics.events(p), self.platforms[p])

@@ -29,6 +29,7 @@ import io
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -36,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ModelConfig", "ItemTable", "HeadsModel", "History", "gap_bucket", "stable_bucket",
+__all__ = ["ModelConfig", "ItemTable", "HeadsModel", "History", "ServingTower", "gap_bucket",
+           "stable_bucket",
            "save_model", "load_model", "pick_device"]
 
 
@@ -154,6 +156,24 @@ class ItemTable:
             out[sel] -= m
         return out
 
+    def snapshot(self) -> ItemTable:
+        """The rows so far, for reading in another thread while this table keeps growing.
+
+        Rows are only ever appended, so the text matrix is shared, not copied; a row whose
+        text :meth:`set_text` replaces later is the caller's to notice (by its own stamp).
+        """
+        s = ItemTable.__new__(ItemTable)
+        s.text_dim, s.buckets = self.text_dim, self.buckets
+        n = len(self.ids)
+        s.platforms = list(self.platforms)
+        s.gid = {}
+        s.ids, s.plat, s.bucket = self.ids[:n], self.plat[:n], self.bucket[:n]
+        s.has_text, s.local = self.has_text[:n], self.local[:n]
+        s._text = self._text
+        s._rows_by_plat = {k: list(v) for k, v in self._rows_by_plat.items()}
+        s._cache, s._means = {}, {}
+        return s
+
     def rows(self, p: str) -> np.ndarray:
         """The platform's catalog as global rows (cached until an item is added)."""
         pi = self.platform_index(p)
@@ -176,18 +196,21 @@ class History:
     @staticmethod
     def build(rows: Sequence[Sequence[tuple[int, int, float]]], now: Sequence[float],
               target_plat: Sequence[int], hist_len: int, gap_buckets: int) -> History:
-        """rows[b] = [(gid, label, time), ...] newest first."""
+        """rows[b] = [(gid, label, time), ...] newest first (one array pass, no row loop)."""
         b = len(rows)
         gid = np.full((b, hist_len), -1, dtype=np.int64)
         label = np.zeros((b, hist_len), dtype=np.int64)
         t = np.zeros((b, hist_len), dtype=np.float64)
-        for r, h in enumerate(rows):
-            n = min(len(h), hist_len)
-            if n:
-                arr = np.asarray(h[:n], dtype=np.float64)
-                gid[r, :n] = arr[:, 0].astype(np.int64)
-                label[r, :n] = arr[:, 1].astype(np.int64)
-                t[r, :n] = arr[:, 2]
+        lens = np.fromiter((min(len(h), hist_len) for h in rows), dtype=np.int64, count=b)
+        total = int(lens.sum())
+        if total:
+            flat = np.asarray(list(chain.from_iterable(h[:hist_len] for h in rows)),
+                              dtype=np.float64).reshape(total, 3)
+            r = np.repeat(np.arange(b), lens)
+            c = np.arange(total) - np.repeat(np.cumsum(lens) - lens, lens)
+            gid[r, c] = flat[:, 0].astype(np.int64)
+            label[r, c] = flat[:, 1].astype(np.int64)
+            t[r, c] = flat[:, 2]
         gap = gap_bucket(np.asarray(now, dtype=np.float64)[:, None] - t, gap_buckets)
         return History(gid, label, gap, np.asarray(target_plat, dtype=np.int64))
 
@@ -310,10 +333,14 @@ class HeadsModel(nn.Module):
         pos = torch.arange(1, seq + 1, device=dev)
         tok = tok + self.label_emb(torch.from_numpy(h.label).to(dev)) + self.pos_emb(pos)[None] \
             + self.gap_emb(torch.from_numpy(h.gap).to(dev))
-        names = [table.platforms[int(i)] for i in h.target_plat]
-        start = torch.stack([self.start[n] for n in names]) + self.pos_emb.weight[0]
-        ctx = torch.stack([self.ctx[n] for n in names]) if self.cfg.platform_attention \
-            else self.ctx[self.platforms[0]].expand(b, -1)
+        # per-row target heads: gather from the heads present in this batch only (a head
+        # that is not in the batch gets no gradient, not a zero one: AdamW would move it)
+        uniq_t, inv_t = np.unique(h.target_plat, return_inverse=True)
+        names = [table.platforms[int(i)] for i in uniq_t]
+        row_head = torch.from_numpy(inv_t.reshape(-1)).to(dev)
+        start = torch.stack([self.start[n] for n in names])[row_head] + self.pos_emb.weight[0]
+        ctx = torch.stack([self.ctx[n] for n in names])[row_head] \
+            if self.cfg.platform_attention else self.ctx[self.platforms[0]].expand(b, -1)
         tok = torch.cat([start[:, None], tok], dim=1)  # [B, 1+L, d]
         mask = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=dev),
                           torch.from_numpy(valid).to(dev)], dim=1)
@@ -321,9 +348,11 @@ class HeadsModel(nn.Module):
         att = att.masked_fill(~mask, float("-inf")).softmax(dim=1)
         u = (att[..., None] * self.value(tok)).sum(1)
         u = u + self.mlp(u)
+        if len(names) == 1:
+            return F.normalize(u + self.query[names[0]](u), dim=-1)
         out = torch.empty_like(u)
-        for n in set(names):
-            sel = torch.tensor([i for i, m in enumerate(names) if m == n], device=dev)
+        for j, n in enumerate(names):
+            sel = torch.from_numpy(np.nonzero(inv_t.reshape(-1) == j)[0]).to(dev)
             out[sel] = u[sel] + self.query[n](u[sel])
         return F.normalize(out, dim=-1)
 
@@ -333,6 +362,109 @@ class HeadsModel(nn.Module):
 
     def scores(self, q: torch.Tensor, e: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         return self.tau * (q @ e.T) + bias[None]
+
+
+class ServingTower:
+    """:meth:`HeadsModel.user` for serving, folded once per head version (no gradients).
+
+    The user tower is linear up to the attention softmax, so its per-token work can be
+    done once per item instead of once per token of every request::
+
+        tok_j     = E'[g_j] + L[l_j] + Pos[j] + G[gap_j]      E'[g] = e(g) + plat_emb[plat g]
+        logit_j   = ((W_k tok_j + b_k) · c_p) / √d  =  (tok_j · w_p + b_k · c_p) / √d,
+                    w_p = W_kᵀ c_p: a scalar per item and per target platform (``att``),
+                    plus small tables for labels, positions and gap buckets
+        u         = Σ_j a_j (W_v tok_j + b_v)  =  W_v (Σ_j a_j tok_j) + b_v      (Σ a_j = 1)
+
+    so a request costs gathers of scalars, one softmax, one attention-weighted sum of its
+    items' vectors and one value projection, instead of two [L, d] × [d, d] products.
+    Equal to :meth:`HeadsModel.user` up to float rounding (tested). Rows added to the
+    table later are folded incrementally (:meth:`grow`); a new platform refolds all.
+    """
+
+    def __init__(self, model: HeadsModel, table: ItemTable) -> None:
+        self.model = model
+        self.heads = list(model.platforms)  # column order of the per-platform tables
+        with torch.inference_mode():
+            m, d = model, model.cfg.dim
+            self.scale = 1.0 / math.sqrt(d)
+            ctx = torch.stack([m.ctx[p] for p in self.heads]) if m.cfg.platform_attention \
+                else m.ctx[self.heads[0]].expand(len(self.heads), -1)
+            self.w = m.key.weight.T @ ctx.T  # [d, P]
+            self.b = ctx @ m.key.bias  # [P]
+            self.label_s = m.label_emb.weight @ self.w  # [2, P]
+            self.pos_s = m.pos_emb.weight @ self.w  # [L+1, P]
+            self.gap_s = m.gap_emb.weight @ self.w  # [G, P]
+            self.start = torch.stack([m.start[p] for p in self.heads]) + m.pos_emb.weight[0]
+            self.start_s = (self.start * self.w.T).sum(-1)  # [P]
+        dev = model.log_tau.device
+        self.emb = torch.zeros(0, model.cfg.dim, device=dev)
+        self.bias = torch.zeros(0, device=dev)
+        self.tok = torch.zeros(0, model.cfg.dim, device=dev)
+        self.att = torch.zeros(0, len(self.heads), device=dev)
+        self.grow(table)
+
+    def __len__(self) -> int:
+        return int(self.emb.shape[0])
+
+    def grow(self, table: ItemTable) -> None:
+        """Fold the table rows added since (all of them the first time)."""
+        n0, n = len(self), len(table)
+        if n <= n0:
+            return
+        m = self.model
+        for p in list(table.platforms):
+            m.add_platform(p)
+        with torch.inference_mode():
+            e, b = m.item_emb(table, np.arange(n0, n))
+            plat = torch.from_numpy(np.asarray(table.plat[n0:n], dtype=np.int64)).to(e.device)
+            tok = e + m.plat_emb(plat)
+            self.emb, self.bias = torch.cat([self.emb, e]), torch.cat([self.bias, b])
+            self.tok = torch.cat([self.tok, tok])
+            self.att = torch.cat([self.att, tok @ self.w])
+
+    def user(self, table: ItemTable, h: History) -> torch.Tensor:
+        """Normalised query vectors [B, d], as :meth:`HeadsModel.user`."""
+        m = self.model
+        dev = self.emb.device
+        b, seq = h.gid.shape
+        heads = {p: i for i, p in enumerate(self.heads)}
+        uniq_t, inv_t = np.unique(h.target_plat, return_inverse=True)
+        names = [table.platforms[int(i)] for i in uniq_t]
+        col = np.asarray([heads[n] for n in names], dtype=np.int64)[inv_t.reshape(-1)]
+        tok, att = self.tok, self.att
+        if not len(self):  # no items at all: every history is empty (masked)
+            tok = torch.zeros(1, m.cfg.dim, device=dev)
+            att = torch.zeros(1, len(self.heads), device=dev)
+        with torch.inference_mode():
+            c = torch.from_numpy(col).to(dev)  # [B] target head per row
+            valid = torch.from_numpy(h.gid >= 0).to(dev)
+            g = torch.from_numpy(np.maximum(h.gid, 0)).to(dev)
+            lab = torch.from_numpy(h.label).to(dev)
+            gap = torch.from_numpy(h.gap).to(dev)
+            cc = c[:, None].expand(b, seq)
+            logit = (att[g, cc] + self.label_s[lab, cc] + self.gap_s[gap, cc]
+                     + self.pos_s[1:seq + 1].T[c])
+            logit0 = self.start_s[c]
+            logits = torch.cat([logit0[:, None], logit], dim=1) + self.b[c][:, None]
+            logits = (logits * self.scale).masked_fill(
+                ~torch.cat([torch.ones(b, 1, dtype=torch.bool, device=dev), valid], 1),
+                float("-inf"))
+            a = logits.softmax(dim=1)
+            a0, aj = a[:, 0], a[:, 1:]
+            pooled = a0[:, None] * self.start[c] + torch.bmm(aj[:, None], tok[g])[:, 0]
+            pooled = pooled + aj @ m.pos_emb.weight[1:seq + 1]
+            lab_w = torch.zeros(b, 2, device=dev).scatter_add_(1, lab, aj)
+            gap_w = torch.zeros(b, m.cfg.gap_buckets, device=dev).scatter_add_(1, gap, aj)
+            pooled = pooled + lab_w @ m.label_emb.weight + gap_w @ m.gap_emb.weight
+            u = m.value(pooled)
+            u = u + m.mlp(u)
+            out = torch.empty_like(u)
+            for j, n in enumerate(names):
+                sel = torch.from_numpy(np.nonzero(inv_t.reshape(-1) == j)[0]).to(dev)
+                us = u[sel]
+                out[sel] = us + m.query[n](us)
+            return F.normalize(out, dim=-1)
 
 
 def save_model(model: HeadsModel, compact: bool = False) -> bytes:

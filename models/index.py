@@ -21,6 +21,7 @@ class ItemIndex:
         self.ids: list[str] = []
         self.row: dict[str, int] = {}
         self._m = np.zeros((0, dim), dtype=np.float32)
+        self.version = 0  # bumped by every upsert (readers notice replaced vectors)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -31,6 +32,7 @@ class ItemIndex:
 
     def upsert(self, ids: Sequence[str], vecs: np.ndarray) -> None:
         vecs = np.asarray(vecs, dtype=np.float32).reshape(len(ids), self.dim)
+        self.version += 1
         for item, v in zip(ids, vecs, strict=True):
             r = self.row.get(item)
             if r is None:

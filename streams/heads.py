@@ -21,6 +21,8 @@ import logging
 import math
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -31,18 +33,19 @@ from models.heads import (
     History,
     ItemTable,
     ModelConfig,
+    ServingTower,
     load_model,
     pick_device,
     save_model,
 )
-from models.metrics import RankingStats, rank_of
+from models.metrics import RankingStats
 from models.trainer import Example, OnlineTrainer, TrainConfig
 from streams.records import HeadVersion, QualityWindow, TrainingExample
 from streams.settings import Settings
 from streams.state import redis_from_url
 from streams.vectors import VectorStore
 
-__all__ = ["HeadRegistry", "ModelServer", "TrainerService", "model_config"]
+__all__ = ["HeadRegistry", "ModelServer", "Ask", "TrainerService", "model_config", "examples_json"]
 
 log = logging.getLogger("xrec.heads")
 
@@ -87,41 +90,89 @@ class HeadRegistry:
 
 
 class _Tables:
-    """Keeps an :class:`ItemTable` in step with the worker's in-memory item vectors."""
+    """Keeps an :class:`ItemTable` in step with the worker's in-memory item vectors.
+
+    ``stamp`` moves whenever a text vector is set or replaced: item embeddings computed
+    under an older stamp are stale (centering uses each platform's mean text vector)."""
 
     def __init__(self, vectors: VectorStore, buckets: int) -> None:
         self.vectors = vectors
         self.table = ItemTable(vectors.dim, buckets)
-        self._seen: dict[str, tuple[int, int]] = {}
+        self.stamp = 0
+        self._seen: dict[str, tuple[int, int, int]] = {}
 
     def sync(self) -> bool:
         changed = False
         for p, idx in list(self.vectors.index.items()):
-            mark = (id(idx), len(idx))
+            mark = (id(idx), len(idx), getattr(idx, "version", 0))
             if self._seen.get(p) != mark:
                 self.table.set_text(p, list(idx.ids), idx.matrix)
                 self._seen[p] = mark
                 changed = True
+        if changed:
+            self.stamp += 1
         return changed
 
     def gid_history(self, hist: Sequence[tuple[str, str, int, float]]
                     ) -> list[tuple[int, int, float]]:
-        return [(self.table.ensure(p, i), int(lab), float(t)) for p, i, lab, t in hist]
+        get, ensure = self.table.gid.get, self.table.ensure
+        out = []
+        for p, i, lab, t in hist:
+            g = get((p, i))
+            out.append((ensure(p, i) if g is None else g, lab, t))
+        return out
+
+
+HistEntry = tuple[str, str, int, float]
+
+
+@dataclass
+class Ask:
+    """One ranking request: a user's history (newest first) and the platform to rank.
+
+    With ``target`` (prequential) the answer is that item's rank, 0 = top (None when it
+    is not in the catalog); otherwise the best ``k`` (item, score). Items in ``exclude``
+    and ``extra`` (consumed ones) are not candidates; the target never counts as one."""
+
+    history: Sequence[HistEntry]
+    platform: str
+    now: float
+    exclude: Sequence[str] = ()
+    extra: Sequence[str] = ()
+    target: str | None = None
+
+
+@dataclass
+class _Served:
+    """A head version ready to serve: its model, folded (:class:`ServingTower`: item
+    embeddings and the user tower's per-item parts for every table row)."""
+
+    version: int
+    model: HeadsModel
+    tower: ServingTower
+    stamp: int  # the tables' stamp the tower was folded under
+    #: platform → (catalog rows, their embeddings [n_p, d], biases [n_p]), by row count
+    plat: dict[str, tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 class ModelServer:
-    """The head version a recommend worker serves, hot-swapped between micro-batches."""
+    """The head version a recommend worker serves, hot-swapped between micro-batches.
+
+    A new version is loaded, and every item's embedding under it computed, in a thread
+    (off the event loop); the loop only swaps one reference. Ranking a micro-batch is then
+    one user-tower pass over every request and, per platform, one matrix product against
+    the cached item embeddings, exclusions as a mask and top-K by partial sort
+    (:meth:`answer`)."""
 
     def __init__(self, settings: Settings, vectors: VectorStore, worker: str) -> None:
         self.s = settings
         self.reg = HeadRegistry(settings.redis_url or "", settings.redis_prefix,
                                 settings.redis_timeout_s)
         self.tables = _Tables(vectors, settings.model_buckets)
-        self.model: HeadsModel | None = None
-        self.version = 0
+        self.cur: _Served | None = None
         self.worker = worker
         self.device = pick_device(settings.train_device)
-        self._all: tuple[int, int, torch.Tensor, torch.Tensor] | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xrec-heads")
         self.quality: dict[tuple[str, str], RankingStats] = {}
         self.window_start = time.time()
         #: drift reaction: (from, until) event time; histories then start at ``from``
@@ -139,8 +190,16 @@ class ModelServer:
         log.warning("drift reaction: histories count from %.0f until %.0f", start, now + seconds)
 
     @property
+    def model(self) -> HeadsModel | None:
+        return self.cur.model if self.cur is not None else None
+
+    @property
+    def version(self) -> int:
+        return self.cur.version if self.cur is not None else 0
+
+    @property
     def ready(self) -> bool:
-        return self.model is not None
+        return self.cur is not None
 
     @property
     def scorer(self) -> str:
@@ -153,10 +212,13 @@ class ModelServer:
         v, blob, meta = await self.reg.latest()
         if v <= self.version or blob is None:
             return False
+        self.tables.sync()
+        snap, stamp = self.tables.table.snapshot(), self.tables.stamp
         loop = asyncio.get_running_loop()
-        model = await loop.run_in_executor(None, load_model, blob, self.device)
-        self.model, self.version = model, v  # one assignment: the next batch uses it
-        self._all = None
+        served = await loop.run_in_executor(self._pool, self._prepare, v, blob, snap, stamp)
+        if served.version <= self.version:
+            return False
+        self.cur = served  # one assignment: the next micro-batch ranks with it
         now = time.time()
         used_after = now - float(meta.get("batch_arrived_at", now))
         e2u = now - float(meta.get("newest_produced_at", now))
@@ -170,116 +232,188 @@ class ModelServer:
             log.warning("could not record head swap: %s", exc)
         return True
 
-    # ---------------------------------------------------------------- scoring
-    def _embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every known item's embedding and bias under the served version (cached)."""
-        assert self.model is not None
-        t = self.tables.table
-        hit = self._all
-        if hit is None or hit[0] != self.version or hit[1] != len(t):
-            for p in t.platforms:
-                self.model.add_platform(p)
-            with torch.no_grad():
-                e, b = self.model.item_emb(t, np.arange(len(t)))
-            self._all = hit = (self.version, len(t), e, b)
-        return hit[2], hit[3]
+    def _prepare(self, version: int, blob: bytes, snap: ItemTable, stamp: int) -> _Served:
+        """In a thread: load the weights, fold the tower over every item known so far."""
+        model = load_model(blob, self.device)
+        for p in snap.platforms:
+            model.add_platform(p)
+        return _Served(version, model, ServingTower(model, snap), stamp)
 
-    def score(self, reqs: Sequence[tuple[Sequence[tuple[str, str, int, float]], str, float]]
-              ) -> dict[str, tuple[np.ndarray, np.ndarray, list[int]]]:
-        """reqs = [(history newest first, platform, now)] → {platform: (rows, scores, req idx)}."""
-        assert self.model is not None
+    # ---------------------------------------------------------------- scoring
+    def _embeddings(self) -> _Served:
+        """The served version's tower, brought up to the table: rows added since are
+        folded alone; a changed text (new platform mean) or a new platform refolds all."""
+        cur = self.cur
+        assert cur is not None
+        t = self.tables.table
+        if cur.stamp != self.tables.stamp or any(p not in cur.model.platforms
+                                                 for p in t.platforms):
+            for p in t.platforms:
+                cur.model.add_platform(p)
+            cur.tower, cur.stamp, cur.plat = ServingTower(cur.model, t), self.tables.stamp, {}
+        else:
+            cur.tower.grow(t)
+        return cur
+
+    def _catalog(self, cur: _Served, p: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Platform ``p``'s catalog embeddings [n_p, d] and biases, columns in
+        :meth:`ItemTable.rows` order (cached per version and catalog size)."""
+        rows = self.tables.table.rows(p)
+        hit = cur.plat.get(p)
+        if hit is None or hit[0] != len(rows):
+            r = torch.from_numpy(rows).to(cur.tower.emb.device)
+            hit = (len(rows), cur.tower.emb[r], cur.tower.bias[r])
+            cur.plat[p] = hit
+        return hit[1], hit[2]
+
+    def answer(self, asks: Sequence[Ask], k: int, clock: Any = None
+               ) -> list[float | None | list[tuple[str, float]]]:
+        """Rank every ask: one user-tower pass for all of them, then per platform one
+        matrix product for the prequential asks and one for the others.
+
+        ``clock`` (optional) gets ``lap("tower" | "evaluate" | "rank")``."""
+        assert self.cur is not None
         self.tables.sync()
         t = self.tables.table
-        by_p: dict[str, list[int]] = {}
-        for n, (_, p, _) in enumerate(reqs):
-            by_p.setdefault(p, []).append(n)
-        hists = {n: self.tables.gid_history(cut(r[0], r[2], self.horizon))
-                 for n, r in enumerate(reqs)}
-        e_all, b_all = self._embeddings()  # after the histories: they may add rows
-        # one user-tower pass for every request (the target platform is per row), then one
-        # matrix product per platform: per-op overhead dominates at these sizes (py-spy)
-        order = [i for idx in by_p.values() for i in idx]
-        h = History.build([hists[i] for i in order], [reqs[i][2] for i in order],
-                          [t.platform_index(reqs[i][1]) for i in order],
-                          self.model.cfg.hist_len, self.model.cfg.gap_buckets)
-        with torch.no_grad():
-            q_all = self.model.user(t, h, items=e_all)
-        row_of = {i: j for j, i in enumerate(order)}
-        out = {}
-        for p, idx in by_p.items():
-            rows = t.rows(p)
-            if not len(rows):
+        out: list[float | None | list[tuple[str, float]]] = [None] * len(asks)
+        if not asks:
+            return out
+        hists = [self.tables.gid_history(cut(a.history, a.now, self.horizon)) for a in asks]
+        cur = self._embeddings()  # after the histories: they may add rows
+        model = cur.model
+        h = History.build(hists, [a.now for a in asks],
+                          [t.platform_index(a.platform) for a in asks],
+                          model.cfg.hist_len, model.cfg.gap_buckets)
+        with torch.inference_mode():
+            q_all = cur.tower.user(t, h)
+            tau = float(model.tau)
+        if clock is not None:
+            clock.lap("tower")
+        by_p: dict[str, tuple[list[int], list[int]]] = {}
+        for n, a in enumerate(asks):
+            by_p.setdefault(a.platform, ([], []))[a.target is None].append(n)
+        gid, local = t.gid, t.local
+        for p, (evals, recs) in by_p.items():
+            e_p, b_p = self._catalog(cur, p)
+            n_items = e_p.shape[0]
+            if not n_items:
                 continue
-            r = torch.from_numpy(rows).to(e_all.device)
-            sel = torch.as_tensor([row_of[i] for i in idx], device=e_all.device)
-            with torch.no_grad():
-                s = self.model.scores(q_all[sel], e_all[r], b_all[r]).float().cpu().numpy()
-            out[p] = (rows, s, idx)
+            for idx, stage in ((evals, "evaluate"), (recs, "rank")):
+                if not idx:
+                    continue
+                targets: list[int] = []
+                ex_r: list[int] = []
+                ex_c: list[int] = []
+                memo: dict[int, list[int]] = {}
+                for r, n in enumerate(idx):
+                    a = asks[n]
+                    tc = -1
+                    if a.target is not None:
+                        g = gid.get((p, a.target))
+                        tc = local[g] if g is not None else -1
+                        targets.append(tc)
+                    base = memo.get(id(a.exclude))
+                    if base is None:
+                        base = memo[id(a.exclude)] = _cols(a.exclude, p, gid, local)
+                    cols = base + _cols(a.extra, p, gid, local) if a.extra else base
+                    if tc >= 0:
+                        cols = [c for c in cols if c != tc]
+                    ex_r.extend([r] * len(cols))
+                    ex_c.extend(cols)
+                with torch.inference_mode():
+                    sel = torch.as_tensor(idx, device=q_all.device)
+                    s = torch.addmm(b_p[None], q_all[sel], e_p.T, alpha=tau)
+                    if ex_r:
+                        s.index_put_((torch.as_tensor(ex_r), torch.as_tensor(ex_c)),
+                                     torch.tensor(-math.inf, device=s.device))
+                    if stage == "evaluate":
+                        self._ranks(s, targets, idx, ex_r, ex_c, out)
+                    else:
+                        self._tops(s, min(k, n_items), t.rows(p), idx, out)
+                if clock is not None:
+                    clock.lap(stage)
         return out
 
-    def rank(self, reqs: Sequence[tuple[Sequence[tuple[str, str, int, float]], str, float]],
-             limit: int) -> list[list[tuple[str, float]]]:
-        """Best ``limit`` (item, score) per request, no exclusions applied."""
-        res: list[list[tuple[str, float]]] = [[] for _ in reqs]
+    @staticmethod
+    def _ranks(s: torch.Tensor, targets: list[int], idx: list[int], ex_r: list[int],
+               ex_c: list[int], out: list[Any]) -> None:
+        """0-based rank of each target among the non-excluded columns; ties count half
+        (as :func:`models.metrics.rank_of`)."""
+        tc = torch.as_tensor(targets)
+        ok = tc >= 0
+        st = s[torch.arange(len(idx)), tc.clamp(min=0)]
+        greater = (s > st[:, None]).sum(1)
+        equal = (s == st[:, None]).sum(1) - 1
+        rank = (greater.double() + 0.5 * equal.double()).cpu().numpy()
+        finite = torch.isfinite(st).cpu().numpy()
+        okn = ok.cpu().numpy()
+        n_excl = np.zeros(len(idx), dtype=np.int64)
+        if ex_r:  # unique (row, column) pairs: an item listed twice is excluded once
+            pairs = np.unique(np.asarray(ex_r, dtype=np.int64) * s.shape[1]
+                              + np.asarray(ex_c, dtype=np.int64))
+            n_excl = np.bincount(pairs // s.shape[1], minlength=len(idx))
+        for r, n in enumerate(idx):
+            if okn[r]:
+                out[n] = float(rank[r]) if finite[r] else float(s.shape[1] - n_excl[r] - 1)
+
+    def _tops(self, s: torch.Tensor, k: int, rows: np.ndarray, idx: list[int],
+              out: list[Any]) -> None:
+        vals, cols = torch.topk(s, k, dim=1)  # a partial sort, best first
         ids = self.tables.table.ids
-        for _p, (rows, s, idx) in self.score(reqs).items():
-            k = min(limit, s.shape[1])
-            top = np.argpartition(-s, k - 1, axis=1)[:, :k]
-            for r, n in enumerate(idx):
-                order = top[r][np.argsort(-s[r, top[r]], kind="stable")]
-                res[n] = [(ids[int(rows[j])], round(float(s[r, j]), 5)) for j in order]
-        return res
+        vals_l = vals.cpu().numpy().round(5).tolist()
+        gids = rows[cols.cpu().numpy()].tolist()
+        for r, n in enumerate(idx):
+            out[n] = [(ids[g], v) for g, v in zip(gids[r], vals_l[r], strict=True)
+                      if math.isfinite(v)]  # -inf: excluded (fewer candidates than k)
 
     # ------------------------------------------------------------ prequential
-    def evaluate(self, applied: Sequence[tuple[Any, list[tuple[str, str, int, float]]]],
-                 seen_before: dict[tuple[str, str], list[str]]) -> list[float | None]:
-        """Rank each applied positive with the served model before it learns from it.
-
-        Returns, per applied event, its rank (0 = top) or None (not ranked: a negative, an
-        item the user already had, or one outside the catalog)."""
-        t = self.tables.table
+    def prequential_asks(self, applied: Sequence[tuple[Any, Sequence[HistEntry]]],
+                         seen_before: dict[tuple[str, str], list[str]]
+                         ) -> tuple[list[Ask], list[tuple[int, tuple[str, str], bool]]]:
+        """An ask per applied positive the user did not have yet, with the history and the
+        consumed items as they were just before it (earlier events of the same batch
+        included). Returns the asks and, per ask, (applied index, pair, cold start)."""
         seen = {k: set(v) for k, v in seen_before.items()}
         added: dict[tuple[str, str], list[str]] = {}  # items had earlier in this batch
-        reqs, meta = [], []
-        out: list[float | None] = [None] * len(applied)
+        asks: list[Ask] = []
+        meta: list[tuple[int, tuple[str, str], bool]] = []
         for n, (ev, hist) in enumerate(applied):
             key = (ev.user, ev.platform)
             s = seen.setdefault(key, set())
             if ev.label == 1 and ev.item not in s:
                 cold = not s and any(p != ev.platform for p, _, _, _ in hist)
-                reqs.append((hist, ev.platform, ev.event_time))
-                meta.append((n, ev, key, len(added.get(key, ())), cold))
+                had = added.get(key, ())
+                asks.append(Ask(hist, ev.platform, ev.event_time,
+                                exclude=seen_before.get(key, ()), extra=tuple(had),
+                                target=ev.item))
+                meta.append((n, key, cold))
             if ev.item not in s:
                 s.add(ev.item)
                 added.setdefault(key, []).append(ev.item)
-        if not reqs:
-            return out
-        base: dict[tuple[str, str], np.ndarray] = {}  # seen before the batch, as columns
-        for _p, (rows, scores, idx) in self.score(reqs).items():
-            local = {int(g): j for j, g in enumerate(rows)}
+        return asks, meta
 
-            def cols(items: Sequence[str], p: str = _p, local: dict[int, int] = local
-                     ) -> list[int]:
-                gs = (t.gid.get((p, i)) for i in items)
-                return [local[g] for g in gs if g is not None and g in local]
-
-            for r, k in enumerate(idx):
-                n, ev, key, n_added, cold = meta[k]
-                target = local.get(t.gid.get((ev.platform, ev.item), -1))
-                if target is None:
-                    continue  # not in the catalog (no vector): not rankable
-                if key not in base:
-                    base[key] = np.asarray(cols(seen_before.get(key, [])), dtype=np.int64)
-                excl = base[key]
-                if n_added:
-                    excl = np.concatenate([excl, np.asarray(cols(added[key][:n_added]),
-                                                            dtype=np.int64)])
-                rank, _ = rank_of(scores[r], target, excl)
-                out[n] = rank
-                for qk in ((ev.platform, "all"), ("all", "all")) + (
-                        ((ev.platform, "coldstart"), ("all", "coldstart")) if cold else ()):
-                    self.quality.setdefault(qk, RankingStats()).add(rank)
+    def record_ranks(self, ranks: Sequence[float | None],
+                     meta: Sequence[tuple[int, tuple[str, str], bool]], n_applied: int
+                     ) -> list[float | None]:
+        """Fold prequential ranks into the quality windows; per applied event its rank."""
+        out: list[float | None] = [None] * n_applied
+        for rank, (n, (_, p), cold) in zip(ranks, meta, strict=True):
+            if rank is None:
+                continue  # not in the catalog (no vector): not rankable
+            out[n] = rank
+            for qk in ((p, "all"), ("all", "all")) + (
+                    ((p, "coldstart"), ("all", "coldstart")) if cold else ()):
+                self.quality.setdefault(qk, RankingStats()).add(rank)
         return out
+
+    def evaluate(self, applied: Sequence[tuple[Any, Sequence[HistEntry]]],
+                 seen_before: dict[tuple[str, str], list[str]]) -> list[float | None]:
+        """Rank each applied positive with the served model before it learns from it.
+
+        Returns, per applied event, its rank (0 = top) or None (not ranked: a negative, an
+        item the user already had, or one outside the catalog)."""
+        asks, meta = self.prequential_asks(applied, seen_before)
+        return self.record_ranks(self.answer(asks, 1), meta, len(applied))  # type: ignore[arg-type]
 
     def quality_windows(self) -> list[QualityWindow]:
         now = time.time()
@@ -297,6 +431,17 @@ class ModelServer:
         return out
 
 
+def _cols(items: Sequence[str], p: str, gid: dict[tuple[str, str], int], local: list[int]
+          ) -> list[int]:
+    """Catalog columns of platform ``p``'s items (items outside the table have none)."""
+    out = []
+    for i in items:
+        g = gid.get((p, i))
+        if g is not None:
+            out.append(local[g])
+    return out
+
+
 def cut(hist: Sequence[tuple[str, str, int, float]], now: float,
         horizon: tuple[float, float] | None) -> Sequence[tuple[str, str, int, float]]:
     """A history under a drift horizon: only entries from its start, while it lasts."""
@@ -305,14 +450,31 @@ def cut(hist: Sequence[tuple[str, str, int, float]], now: float,
     return [h for h in hist if h[3] >= horizon[0]]
 
 
-def examples_from(applied: Sequence[tuple[Any, list[tuple[str, str, int, float]]]],
-                  now: float, horizon: tuple[float, float] | None = None
-                  ) -> list[TrainingExample]:
-    return [TrainingExample(user=ev.user, platform=ev.platform, item=ev.item,
-                            weight=ev.weight, event_time=ev.event_time,
-                            history=list(cut(hist, ev.event_time, horizon)),
-                            produced_at=ev.produced_at, emitted_at=now)
-            for ev, hist in applied if ev.label == 1]
+def examples_json(applied: Sequence[tuple[Any, Sequence[HistEntry]]], now: float,
+                  horizon: tuple[float, float] | None = None) -> list[tuple[bytes, bytes]]:
+    """(key, value) of a :class:`TrainingExample` per applied positive, serialised
+    directly: the same JSON as ``TrainingExample.model_dump_json()`` (tested), without a
+    pydantic object per example, and each history entry encoded once per batch (a user's
+    positives in one batch share most of their history)."""
+    dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+    frag: dict[HistEntry, str] = {}
+    out = []
+    for ev, hist in applied:
+        if ev.label != 1:
+            continue
+        parts = []
+        for h in cut(hist, ev.event_time, horizon):
+            f = frag.get(h)
+            if f is None:
+                f = frag[h] = dumps(h)
+            parts.append(f)
+        out.append((ev.user.encode(), (
+            f'{{"user":{dumps(ev.user)},"platform":{dumps(ev.platform)},'
+            f'"item":{dumps(ev.item)},"weight":{float(ev.weight)!r},'
+            f'"event_time":{float(ev.event_time)!r},"history":[{",".join(parts)}],'
+            f'"produced_at":{float(ev.produced_at)!r},"emitted_at":{float(now)!r}}}'
+        ).encode()))
+    return out
 
 
 class TrainerService:

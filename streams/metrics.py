@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections.abc import Iterable
 
-__all__ = ["Registry", "Counter", "Gauge", "Histogram", "MS_BUCKETS"]
+__all__ = ["Registry", "Counter", "Gauge", "Histogram", "StageClock", "MS_BUCKETS",
+           "SIZE_BUCKETS"]
 
 MS_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+#: counts (events per micro-batch)
+SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 
 
 def _labels(names: tuple[str, ...], values: tuple[str, ...]) -> str:
@@ -74,29 +78,65 @@ class Gauge(Counter):
 class Histogram(_Metric):
     kind = "histogram"
 
-    def __init__(self, name: str, help_: str, buckets: Iterable[float] = MS_BUCKETS) -> None:
-        super().__init__(name, help_)
+    def __init__(self, name: str, help_: str, buckets: Iterable[float] = MS_BUCKETS,
+                 labels: Iterable[str] = ()) -> None:
+        super().__init__(name, help_, labels)
         self.buckets = tuple(sorted(buckets))
-        self.counts = [0] * len(self.buckets)
-        self.count = 0
-        self.sum = 0.0
+        #: label values → [bucket counts..., count, sum]
+        self.series: dict[tuple[str, ...], list[float]] = {}
+        if not self.labelnames:
+            self.series[()] = [0] * (len(self.buckets) + 2)
 
-    def observe(self, v: float) -> None:
+    def observe(self, v: float, *labels: str) -> None:
         with self._lock:
-            self.count += 1
-            self.sum += v
+            row = self.series.get(labels)
+            if row is None:
+                row = self.series[labels] = [0] * (len(self.buckets) + 2)
+            row[-2] += 1
+            row[-1] += v
             for i, b in enumerate(self.buckets):
                 if v <= b:
-                    self.counts[i] += 1
+                    row[i] += 1
+
+    @property
+    def count(self) -> int:
+        return int(sum(r[-2] for r in self.series.values()))
+
+    @property
+    def sum(self) -> float:
+        return float(sum(r[-1] for r in self.series.values()))
 
     def render(self) -> list[str]:
         out = self.header()
-        for b, c in zip(self.buckets, self.counts, strict=True):
-            out.append(f'{self.name}_bucket{{le="{_num(b)}"}} {c}')
-        out.append(f'{self.name}_bucket{{le="+Inf"}} {self.count}')
-        out.append(f"{self.name}_sum {_num(round(self.sum, 3))}")
-        out.append(f"{self.name}_count {self.count}")
+        with self._lock:
+            series = sorted((k, list(v)) for k, v in self.series.items())
+        for lv, row in series:
+            lab = _labels(self.labelnames, lv)
+            inner = lab[1:-1] + "," if lab else ""
+            for b, c in zip(self.buckets, row, strict=False):
+                out.append(f'{self.name}_bucket{{{inner}le="{_num(b)}"}} {int(c)}')
+            out.append(f'{self.name}_bucket{{{inner}le="+Inf"}} {int(row[-2])}')
+            out.append(f"{self.name}_sum{lab} {_num(round(row[-1], 3))}")
+            out.append(f"{self.name}_count{lab} {int(row[-2])}")
         return out
+
+
+class StageClock:
+    """Splits one unit of work into stages: ``lap(stage)`` charges the time since the
+    previous lap (or the start) to ``stage``; a stage may be charged several times."""
+
+    def __init__(self) -> None:
+        self.t0 = self.t = time.perf_counter()
+        self.ms: dict[str, float] = {}
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.ms[stage] = self.ms.get(stage, 0.0) + (now - self.t) * 1000.0
+        self.t = now
+
+    @property
+    def total_ms(self) -> float:
+        return (self.t - self.t0) * 1000.0
 
 
 class Registry:

@@ -57,9 +57,18 @@ class Settings(BaseSettings):
     deadletter_excerpt_bytes: int = 512
 
     # --- processing -----------------------------------------------------------------
-    batch_max: int = Field(256, ge=1, description="micro-batch size bound")
-    batch_within_s: float = Field(0.01, gt=0, description="micro-batch time bound")
-    fetch_max_wait_ms: int = Field(20, ge=1, le=5000, description="consumer fetch wait")
+    batch_max: int = Field(256, ge=1, description="micro-batch size bound: a recommend "
+                           "agent that is behind takes everything waiting, up to this")
+    batch_interval_s: float = Field(0.02, ge=0, description="a recommend agent starts a "
+                                    "micro-batch at most this often unless XREC_BATCH_MAX "
+                                    "events wait; after a quiet spell a lone event is "
+                                    "served at once")
+    cross_refresh_s: float = Field(10.0, ge=0, description="a user's recommendations on "
+                                   "their other platforms (not the event's) are refreshed at "
+                                   "most this often; 0 = on every event")
+    fetch_max_wait_ms: int = Field(50, ge=1, le=5000, description="consumer fetch wait "
+                                   "(each fetch costs the embedded broker in proportion to "
+                                   "the record batches it holds: see README, Measured)")
     producer_linger_ms: int = Field(
         10, ge=0, le=1000, description="producer batching delay; larger batches keep the "
         "embedded broker fast on long runs (README, Measured)")
@@ -98,7 +107,15 @@ class Settings(BaseSettings):
     train_lr: float = Field(3e-3, gt=0)
     train_steps: int = Field(2, ge=1, le=64, description="optimizer steps per train batch")
     train_batch_max: int = Field(512, ge=1)
-    train_batch_within_s: float = Field(0.2, gt=0)
+    train_interval_s: float = Field(0.2, ge=0, description="the train agent starts a "
+                                    "training batch at most this often unless "
+                                    "XREC_TRAIN_BATCH_MAX examples wait")
+    train_learn_max: int = Field(256, ge=1, description="examples one training batch "
+                                 "learns from; a bigger batch (the trainer is behind) is "
+                                 "sampled down to this, so a batch's cost stays bounded")
+    train_cpu_share: float = Field(1.0, gt=0, le=1, description="share of one core the train "
+                                   "agent may use: after a batch that took d seconds it "
+                                   "starts the next one d / share after (`xrec dev`: 0.3)")
     train_device: str = Field("auto", description="auto | cpu | cuda (training and serving)")
     torch_threads: int = Field(1, ge=0, description="CPU threads for the model in a worker; "
                                "0 = torch's default (all cores)")
@@ -133,6 +150,9 @@ class Settings(BaseSettings):
                                    "Redis becomes a counted, retried error instead of a "
                                    "silent wait")
     gil_switch_interval_ms: float = Field(0.5, gt=0, le=10, description="worker GIL switch")
+    worker_nice: int = Field(0, ge=0, le=19, description="CPU priority the worker lowers "
+                             "itself to (os.nice); `xrec dev` starts its train worker at "
+                             "10, so serving gets the cores first and training what is left")
     log_level: str = "INFO"
     log_json: bool = False
 

@@ -30,6 +30,8 @@ user keys only::
                                           whose dead letter was counted (exactly once)
     u:<user>:<platform>:recent      list  newest first, JSON [item, label, weight, time, kind]
     u:<user>:<platform>:seen        zset  item → last event time (consumed items, capped)
+    u:<user>:<platform>:rpos        list  the last XREC_COOC_WINDOW distinct positive items,
+                                          newest first (what a new positive co-occurs with)
     u:<user>:eids                   zset  event id → event time (dedup, capped)
     u:<user>:history                zset  JSON [platform, item, label, time, event id] →
                                           event time (the newest XREC_HIST_LEN kept):
@@ -75,6 +77,7 @@ _LUA_DIR = Path(__file__).parent / "lua"
 _LUA_APPLY = (_LUA_DIR / "apply.lua").read_text()
 _LUA_UNSEEN = (_LUA_DIR / "unseen.lua").read_text()
 _LUA_DEADLETTER = (_LUA_DIR / "deadletter.lua").read_text()
+_LUA_CACHE = (_LUA_DIR / "cache.lua").read_text()
 
 
 def redis_from_url(url: str, timeout_s: float | None = None, decode: bool = True
@@ -100,8 +103,9 @@ class Touched:
 
 class RecsOut:
     """Recommendations from the model path, serialised without building pydantic objects
-    per item (py-spy: ``RecItem.model_construct`` was 12% of the busy worker's main thread).
-    Same JSON as :class:`Recommendations`; consumers validate it as that."""
+    per item (py-spy: ``RecItem.model_construct`` was 12% of the busy worker's main thread,
+    then ``json.dumps`` of the item dicts 13% of the recommend agent's). Same JSON as
+    :class:`Recommendations`; consumers validate it as that."""
 
     def __init__(self, user: str, platform: str, items: list[tuple[str, float]], scorer: str,
                  event_time: float, produced_at: float, published_at: float,
@@ -111,12 +115,30 @@ class RecsOut:
         self.published_at, self.events = published_at, events
 
     def model_dump_json(self) -> str:
-        return json.dumps({
-            "user": self.user, "platform": self.platform,
-            "items": [{"item": i, "score": sc} for i, sc in self.items],
-            "scorer": self.scorer, "event_time": self.event_time,
-            "produced_at": self.produced_at, "published_at": self.published_at,
-            "events": self.events}, separators=(",", ":"), ensure_ascii=False)
+        head = _ITEM_JSON
+        parts = []
+        for i, sc in self.items:
+            pre = head.get(i)
+            if pre is None:
+                pre = _item_prefix(i)
+            parts.append(f"{pre}{sc!r}}}")  # float repr is json.dumps' float format
+        return (f'{{"user":{_dumps(self.user)},"platform":{_dumps(self.platform)},'
+                f'"items":[{",".join(parts)}],"scorer":{_dumps(self.scorer)},'
+                f'"event_time":{float(self.event_time)!r},'
+                f'"produced_at":{float(self.produced_at)!r},'
+                f'"published_at":{float(self.published_at)!r},"events":{int(self.events)}}}')
+
+
+_dumps = json.JSONEncoder(ensure_ascii=False).encode
+#: item id → '{"item":<id as JSON>,"score":' (bounded: cleared when it grows past 10^6)
+_ITEM_JSON: dict[str, str] = {}
+
+
+def _item_prefix(item: str) -> str:
+    if len(_ITEM_JSON) > 1_000_000:
+        _ITEM_JSON.clear()
+    pre = _ITEM_JSON[item] = f'{{"item":{_dumps(item)},"score":'
+    return pre
 
 
 #: one history entry: (platform, item, label, event time)
@@ -129,7 +151,8 @@ class ApplyResult:
     dup_offset: int = 0
     dup_event: int = 0
     touched: dict[tuple[str, str], Touched] = field(default_factory=dict)
-    #: (with history) each applied interaction with the user's history before it
+    #: (with history) each applied interaction with the user's history before it (empty
+    #: for negatives)
     applied_events: list[tuple[Interaction, list[HistEntry]]] = field(default_factory=list)
     #: (with history) each touched user's history after the batch, newest first
     history: dict[str, list[HistEntry]] = field(default_factory=dict)
@@ -146,6 +169,7 @@ class RedisState:
         self._apply_script = redis.register_script(_LUA_APPLY)
         self._unseen_script = redis.register_script(_LUA_UNSEEN)
         self._deadletter_script = redis.register_script(_LUA_DEADLETTER)
+        self._cache_script = redis.register_script(_LUA_CACHE)
         self.on_error: Any = None  # called on every retried Redis error (metrics)
         self._pop_cache: dict[str, tuple[float, _Pop]] = {}
         self._co_cache: dict[tuple[str, str], tuple[float, list[tuple[str, float]]]] = {}
@@ -234,57 +258,26 @@ class RedisState:
         res = await rd.execute()
         return {u: [_entry(x) for x in lst] for u, lst in zip(users, res, strict=True)}
 
+    async def seen(self, pairs: Iterable[tuple[str, str]]) -> dict[tuple[str, str], list[str]]:
+        """Consumed items (``u:<user>:<platform>:seen``) of each (user, platform) pair."""
+        pairs = list(pairs)
+        if not pairs:
+            return {}
+
+        async def _do() -> list[Any]:
+            rd = self.r.pipeline(transaction=False)
+            for u, p in pairs:
+                rd.zrange(self.k("u", u, p, "seen"), 0, -1)
+            return await rd.execute()
+
+        res = await self._retry("seen", _do)
+        return {pair: list(lst) for pair, lst in zip(pairs, res, strict=True)}
+
     # -------------------------------------------------------------- recommend
     async def recommend(self, touched: dict[tuple[str, str], Touched]) -> list[Recommendations]:
         if not touched:
             return []
         return await self._retry("recommend", lambda: self._recommend_once(touched))
-
-    async def recommend_model(self, server: Any, result: ApplyResult) -> list[Recommendations]:
-        """Rank with the served head version, for the batch's (user, platform) pairs and for
-        every other platform those users are active on (cross-platform refresh)."""
-        if not result.touched:
-            return []
-        pairs: dict[tuple[str, str], Touched] = dict(result.touched)
-        newest: dict[str, Touched] = {}
-        for (u, _), t in result.touched.items():
-            if u not in newest or t.event_time > newest[u].event_time:
-                newest[u] = t
-        for u, hist in result.history.items():
-            base = newest.get(u)
-            if base is None:
-                continue
-            for p, _, _, _ in hist:
-                if (u, p) not in pairs:
-                    pairs[(u, p)] = Touched(events=0, produced_at=base.produced_at,
-                                            event_time=base.event_time)
-        order = list(pairs)
-        limit = 3 * self.s.rec_k
-        reqs = [(result.history.get(u, []), p, newest[u].event_time) for u, p in order]
-        ranked_list = server.rank(reqs, limit)
-        ranked = {pair: lst for pair, lst in zip(order, ranked_list, strict=True) if lst}
-        fallback = {pair: t for pair, t in result.touched.items() if pair not in ranked}
-        out = await self.recommend(fallback) if fallback else []
-        model_pairs = [pair for pair in order if pair in ranked]
-        if not model_pairs:
-            return out
-        keep = await self._retry("recommend", lambda: self._unseen(model_pairs, ranked,
-                                                                   self.s.rec_k))
-        short = [pair for pair in model_pairs
-                 if len(keep[pair]) < self.s.rec_k and len(ranked[pair]) >= limit]
-        if short:  # the user consumed most of the head: rank deeper
-            deep = server.rank([reqs[order.index(pair)] for pair in short], 10**6)
-            ranked.update(zip(short, deep, strict=True))
-            keep.update(await self._retry("recommend", lambda: self._unseen(
-                short, ranked, self.s.rec_k)))
-        now = time.time()
-        for u, p in model_pairs:
-            t = pairs[(u, p)]
-            lst = ranked[(u, p)]
-            out.append(RecsOut(  # type: ignore[arg-type]
-                u, p, [lst[i] for i in keep[(u, p)]], server.scorer, t.event_time,
-                t.produced_at if math.isfinite(t.produced_at) else now, now, t.events))
-        return out
 
     async def _popular(self, platform: str
                        ) -> tuple[list[tuple[str, float]], dict[str, float]]:
@@ -374,15 +367,10 @@ class RedisState:
         """Cache each user's latest recommendations: (record, its JSON as published)."""
         if not recs:
             return
-
-        async def _do() -> None:
-            pipe = self.r.pipeline(transaction=False)
-            for rec, payload in recs:
-                pipe.set(self.k("recs", rec.platform, rec.user), payload, ex=self.s.recs_ttl_s)
-            pipe.hincrby(self.k("stats"), "recommendations", len(recs))
-            await pipe.execute()
-
-        await self._retry("cache", _do)
+        args: list[Any] = [self.s.recs_ttl_s, self.k("stats")]
+        for rec, payload in recs:
+            args += [self.k("recs", rec.platform, rec.user), payload]
+        await self._retry("cache", lambda: self._cache_script(args=args))
 
     # ------------------------------------------------------------------ reads
     async def stats(self) -> dict[str, int]:
@@ -397,9 +385,13 @@ def _entry(raw: str) -> HistEntry:
 
 def _histories(out: ApplyResult, batch: Sequence[tuple[int, Interaction]], res: dict,  # type: ignore[type-arg]
                n: int) -> None:
-    """Rebuild each applied event's history-before from the pre-batch lists the script read."""
-    hist = {u: [_entry(x) for x in (lst if isinstance(lst, list) else [])]
-            for u, lst in (res.get("h") or {}).items()}
+    """Rebuild each applied positive's history-before from the pre-batch lists the script
+    read (negatives need none: nothing ranks or trains on them)."""
+    hist: dict[str, list[HistEntry]] = {}
+    for u, joined in (res.get("h") or {}).items():
+        # one parse per user: the script joined the JSON entries [p, item, label, t, eid]
+        rows = json.loads("[" + joined + "]") if isinstance(joined, str) and joined else []
+        hist[u] = [(r[0], r[1], int(r[2]), float(r[3])) for r in rows]
     seen = res.get("s") or {}
     for (u, p), t in out.touched.items():
         lst = seen.get(f"{u}\t{p}")
@@ -408,7 +400,7 @@ def _histories(out: ApplyResult, batch: Sequence[tuple[int, Interaction]], res: 
     for i in (idx if isinstance(idx, list) else []):
         ev = batch[int(i) - 1][1]
         h = hist.setdefault(ev.user, [])
-        out.applied_events.append((ev, list(h)))
+        out.applied_events.append((ev, list(h) if ev.label == 1 else []))
         t = float(ev.event_time)
         at = 0  # newest first by event time, as the script keeps it
         while at < len(h) and h[at][3] > t:

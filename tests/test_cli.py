@@ -110,7 +110,9 @@ def test_dev_once_json_contract(tmp_path):
     assert summary["recommendations"] > 0 and summary["latency_ms_p99"] >= \
         summary["latency_ms_p50"] > 0
     pids = [int(x) for x in re.findall(r"pid (\d+)", p.stderr)]
-    assert len(pids) == 3  # broker, Redis, worker
+    assert len(pids) == 5  # broker, Redis, and the three workers (recommend, normalize, train)
+    assert re.search(r"recommend worker pid|worker pid \d+ ready \(\d+ partitions, agents "
+                     r"recommend\)", p.stderr), p.stderr[-2000:]
     for pid in pids:
         assert not os.path.exists(f"/proc/{pid}") or \
             open(f"/proc/{pid}/stat").read().split()[2] == "Z", f"pid {pid} still running"
@@ -193,7 +195,7 @@ def test_dev_stays_up_then_stops_everything_on_ctrl_c(tmp_path):
             text = out.read_text()
             assert "export KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:" in text
             pids = [int(x) for x in re.findall(r"pid (\d+)", text)]
-            assert len(pids) == 3
+            assert len(pids) == 5  # broker, Redis, three workers
             p.send_signal(signal.SIGINT)
             assert p.wait(60) == 130
         finally:
@@ -207,3 +209,37 @@ def test_dev_stays_up_then_stops_everything_on_ctrl_c(tmp_path):
     for pid in pids:
         assert not os.path.exists(f"/proc/{pid}") or \
             open(f"/proc/{pid}/stat").read().split()[2] == "Z", f"pid {pid} still running"
+
+
+def test_dev_status_line_off_a_terminal_prints_changes_only(monkeypatch, capsys):
+    """Piped, `xrec dev` prints its status line when it changed (at most every
+    PIPE_STATUS_EVERY_S), never the same line again and again while the stack idles."""
+    import threading
+    import time as _time
+
+    from xrec import dev
+
+    monkeypatch.setattr(dev, "PIPE_STATUS_EVERY_S", 0.1)
+    applied = [10]
+
+    class Cache:
+        def stats(self):
+            return {"events_applied": applied[0]}
+
+    class Col:
+        def snapshot(self):
+            return {"recommendations": 5, "users_with_recs": 2, "deadlettered": 0,
+                    "latency_ms_p50": 1.0, "latency_ms_p99": 2.0}
+
+    stop = threading.Event()
+    th = threading.Thread(target=dev._live, args=(print, False, Col(), Cache(), {}, [10],
+                                                  {"events": 10}, stop))
+    th.start()
+    _time.sleep(0.8)  # idle: one line
+    applied[0] = 11
+    _time.sleep(0.8)  # one change: one more line
+    stop.set()
+    th.join(3)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("sent ")]
+    assert len(lines) == 2, lines
+    assert "applied 10 " in lines[0] and "applied 11 " in lines[1]

@@ -34,3 +34,13 @@ def test_compose_services():
     assert w["healthcheck"]["test"] == ["CMD", "xrec", "health"]
     assert "xrec worker" in " ".join(w["command"])
     assert (ROOT / "Dockerfile").is_file()
+
+
+def test_compose_runs_the_trainer_apart_in_its_own_group():
+    svc = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    serve, train = " ".join(svc["worker"]["command"]), " ".join(svc["trainer"]["command"])
+    assert "--agents normalize,recommend,catalog" in serve and "train" not in serve
+    assert "--agents train" in train
+    env = svc["trainer"]["environment"]
+    assert env["XREC_APP_ID"] != svc["worker"]["environment"].get("XREC_APP_ID", "xrec")
+    assert env["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092" and "XREC_PSEUDONYM_SECRET" in env

@@ -63,7 +63,7 @@ def test_train_agent_in_its_own_worker_and_hot_swap_under_load(stack, ns, worker
                                                                 tmp_path):
     man = simulate(SimConfig(events=1500, users=60, seed=5), tmp_path / "sim")
     d = tmp_path / "sim"
-    s = make_settings(stack, ns, quality_window_s=1.0, train_batch_within_s=0.1,
+    s = make_settings(stack, ns, quality_window_s=1.0, train_interval_s=0.1,
                       head_poll_s=0.1, platforms_path="")
     t = Topics(s)
     reg = load_platforms("")
@@ -126,7 +126,7 @@ def test_injected_drift_reaches_the_drift_topic_and_the_trainer_reacts(stack, ns
                       web_port=port,
                       drift_min_events=200, drift_cooldown=300, drift_delta=0.01,
                       quality_window_s=1.0,
-                      train_batch_within_s=0.1)
+                      train_interval_s=0.1)
     t = Topics(s)
     create_all_topics(s)
     worker_factory(s)

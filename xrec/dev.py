@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import tempfile
 import threading
@@ -23,7 +24,20 @@ from streams.errors import StackError
 from streams.settings import Settings
 from streams.topics import Topics
 
-__all__ = ["DevOptions", "run_dev", "Collector"]
+__all__ = ["DevOptions", "run_dev", "Collector", "SERVE_AGENTS", "start_workers"]
+
+#: what the serving worker of `xrec dev` runs; the train agent runs in a second worker
+SERVE_AGENTS = "normalize,recommend,catalog"
+#: off a terminal the status line is printed when it changed, at most this often
+PIPE_STATUS_EVERY_S = 10.0
+#: `xrec dev`'s process layout (see start_workers); XREC_DEV_LAYOUT=two|one for comparisons
+DEV_LAYOUT = os.environ.get("XREC_DEV_LAYOUT", "split")
+#: the train worker's CPU priority in `xrec dev`: serving first, training on what is left
+TRAINER_NICE = 10
+#: the train worker's consumer fetch wait in `xrec dev` (the serving worker's: 20 ms)
+TRAINER_FETCH_WAIT_MS = 250
+#: the train worker's CPU budget in `xrec dev` (2 cores: broker, Redis, serving, replay)
+TRAINER_CPU_SHARE = 0.3
 
 
 @dataclass
@@ -38,6 +52,7 @@ class DevOptions:
     workdir: Path | None = None
     ingest_events: int = 50
     drift: tuple[str, ...] = ()
+    one_worker: bool = False  # every agent in one process (default: the trainer apart)
 
 
 class Collector(threading.Thread):
@@ -161,7 +176,6 @@ def run_dev(settings: Settings, o: DevOptions) -> int:
         sigterm_as_interrupt,
         start_redis,
         start_tansu,
-        start_worker,
         wait_worker_ready,
     )
 
@@ -211,13 +225,14 @@ def run_dev(settings: Settings, o: DevOptions) -> int:
                    "XREC_STATE_EPOCH": epoch, "XREC_LOG_LEVEL": "INFO"}
             if settings.pseudonym_secret is None:
                 env["XREC_ENV"] = "dev"
-            w = start_worker(workdir, env)
-            started.append(w)
             cache = RecsCache(redis_url, settings.redis_prefix)
             base = cache.stats()
-            info = wait_worker_ready(redis_url, settings.redis_prefix, w, timeout=90)
-            say(f"worker pid {w.pid} ready ({info.get('partitions')} partitions), "
-                f"log {w.log_path}")
+            workers = start_workers(workdir, env, settings, one_worker=o.one_worker)
+            started.extend(workers)
+            for wk in workers:
+                info = wait_worker_ready(redis_url, settings.redis_prefix, wk, timeout=90)
+                say(f"{wk.name} pid {wk.pid} ready ({info.get('partitions')} partitions, "
+                    f"agents {','.join(info.get('agents', []))}), log {wk.log_path}")
             collector = Collector(bootstrap, [topics.recs(p) for p in platforms],
                                   topics.deadletter, from_beginning=not settings.
                                   kafka_bootstrap_servers, quality_topic=topics.quality,
@@ -232,8 +247,11 @@ def run_dev(settings: Settings, o: DevOptions) -> int:
                 n_items = sum(manifest["items"].values())
                 t_cat = time.monotonic()
                 while _delta(cache.stats(), base).get("catalog_items", 0) < n_items:
-                    if time.monotonic() - t_cat > 180 or not w.alive():
-                        raise StackError(f"the catalog was not stored in time:\n{w.log_tail()}")
+                    dead = [wk for wk in workers if not wk.alive()]
+                    if time.monotonic() - t_cat > 180 or dead:
+                        wk = (dead or workers)[-1]
+                        raise StackError(f"the catalog was not stored in time ({wk.name} "
+                                         f"log):\n{wk.log_tail()}")
                     time.sleep(0.2)
                 enc = _delta(cache.stats(), base).get("catalog_encoded", 0)
                 say(f"catalog: {n_items:,} items stored, {enc:,} encoded into vectors in "
@@ -269,8 +287,9 @@ def run_dev(settings: Settings, o: DevOptions) -> int:
                         and st.get("catalog_items", 0) >= n_items):
                     drained = True
                     break
-                if not w.alive():
-                    raise StackError(f"the worker died:\n{w.log_tail()}")
+                for wk in workers:
+                    if not wk.alive():
+                        raise StackError(f"the {wk.name} died:\n{wk.log_tail()}")
                 time.sleep(0.2)
             time.sleep(0.3)
             stop_live.set()
@@ -326,6 +345,47 @@ def run_dev(settings: Settings, o: DevOptions) -> int:
                     svc.stop()
 
 
+def start_workers(workdir: Path, env: dict[str, str], settings: Settings,
+                  one_worker: bool = False, serve_env: dict[str, str] | None = None,
+                  layout: str | None = None) -> list[Any]:
+    """The workers of `xrec dev` (and of the benchmarks, which measure what it runs), each
+    agent group in a process of its own, so none waits for another's GIL:
+
+    * ``recommend``: the hot path (``serve_env`` is for it; only it serves the web port,
+      ``XREC_WEB_PORT``: /metrics and /healthz);
+    * ``normalize,catalog``: validation and pseudonymization of every platform event, and
+      the item encoder (consumer group ``XREC_APP_ID-normalize``);
+    * ``train``: at a lower CPU priority and within a CPU budget, in its own group
+      (``XREC_APP_ID-train``), with a longer fetch wait.
+
+    ``layout="two"``: normalize, recommend and catalog in one process, the trainer apart;
+    ``one_worker`` (layout ``"one"``): every agent in one process. Returns the workers,
+    the recommend one first and the trainer last."""
+    from xrec.stack import start_worker
+
+    layout = "one" if one_worker else (layout or DEV_LAYOUT)
+    serve = {**env, **(serve_env or {})}
+    if layout == "one":
+        return [start_worker(workdir, serve)]
+    workers = []
+    if layout == "two":
+        workers.append(start_worker(workdir, serve, agents=SERVE_AGENTS))
+    else:
+        workers.append(start_worker(workdir, serve, agents="recommend"))
+        workers.append(start_worker(workdir, {**env, "XREC_WEB_PORT": "0", "XREC_APP_ID":
+                                              f"{settings.app_id}-normalize"},
+                                    agents="normalize,catalog", name="normalizer"))
+    workers.append(start_worker(workdir, {
+        **env, "XREC_APP_ID": f"{settings.app_id}-train", "XREC_WEB_PORT": "0",
+        "XREC_WORKER_NICE": str(max(settings.worker_nice, TRAINER_NICE)),
+        # it trains every XREC_TRAIN_INTERVAL_S anyway; each fetch costs the embedded
+        # broker in proportion to the record batches it holds (README, Measured)
+        "XREC_FETCH_MAX_WAIT_MS": str(TRAINER_FETCH_WAIT_MS),
+        "XREC_TRAIN_CPU_SHARE": str(min(settings.train_cpu_share, TRAINER_CPU_SHARE))},
+        agents="train", name="trainer"))
+    return workers
+
+
 def _similar_example(say, settings: Settings, redis_url: str, cache: Any) -> None:  # type: ignore[no-untyped-def]
     """Show the shared semantic space: one item's nearest items on the other platforms."""
     cfg = settings.encoder_config(threads=0)
@@ -355,14 +415,16 @@ def _delta(now: dict[str, int], base: dict[str, int]) -> dict[str, int]:
 
 def _live(say, tty, collector, cache, base, sent, manifest, stop, interval: float = 1.0,
           ) -> None:  # type: ignore[no-untyped-def]
-    """A status line: refreshed in place on a TTY, every 5 s otherwise."""
-    last_print = 0.0
+    """A status line: refreshed in place on a TTY (every ``interval`` s); off a TTY (a
+    pipe, a log file), printed when it changed, at most every 10 s, so a stack that stays
+    up idle does not repeat the same line."""
+    last_print, last_line = -1e9, ""
     stream = sys.stderr if not tty else None
-    while not stop.wait(0.5):
+    every = interval if tty else PIPE_STATUS_EVERY_S
+    while not stop.wait(0.5 if tty else min(1.0, every)):
         now = time.monotonic()
-        if not tty and now - last_print < max(5.0, interval):
+        if now - last_print < every:
             continue
-        last_print = now
         try:
             st = _delta(cache.stats(), base)
         except Exception:  # noqa: BLE001, S112 - Redis blip: skip one status line
@@ -372,6 +434,9 @@ def _live(say, tty, collector, cache, base, sent, manifest, stop, interval: floa
                 f"{st.get('events_applied', 0):,} | recs {s['recommendations']:,} "
                 f"({s['users_with_recs']:,} users) | dead-lettered {s['deadlettered']} | "
                 f"latency p50 {s['latency_ms_p50']} ms p99 {s['latency_ms_p99']} ms")
+        if not tty and line == last_line:
+            continue
+        last_print, last_line = now, line
         if tty:
             print("\r" + line + " " * 4, end="", file=sys.stdout, flush=True)
         else:

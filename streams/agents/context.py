@@ -1,0 +1,131 @@
+"""What every agent of one worker shares: settings, topics, Redis state, metrics, producer."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from streams.metrics import (
+    MS_BUCKETS,
+    SIZE_BUCKETS,
+    Counter,
+    Gauge,
+    Histogram,
+    Registry,
+)
+from streams.platforms import PlatformRegistry
+from streams.records import DeadLetter
+from streams.settings import Settings
+from streams.state import RedisState
+from streams.topics import Topics
+from streams.watchdog import Watchdog
+
+__all__ = ["Context", "WorkerMetrics", "STAGE_BUCKETS", "RECOMMEND_STAGES"]
+
+#: per-stage milliseconds of one micro-batch: most stages take well under a millisecond
+STAGE_BUCKETS = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000)
+#: the recommend agent's stages, in the order a micro-batch runs them
+RECOMMEND_STAGES = ("decode", "apply", "tower", "evaluate", "rank", "drift", "examples",
+                    "publish", "cache")
+
+
+class WorkerMetrics:
+    """Every Prometheus series a worker exports (``/metrics``)."""
+
+    def __init__(self) -> None:
+        reg = self.registry = Registry()
+        self.events_in = reg.add(Counter("xrec_events_in_total", "records consumed, by topic",
+                                         ["topic"]))
+        self.records_out = reg.add(Counter("xrec_records_out_total",
+                                           "records produced, by topic", ["topic"]))
+        self.deadlettered = reg.add(Counter("xrec_deadlettered_total",
+                                            "dead-lettered records, by reason", ["reason"]))
+        self.batch_ms = reg.add(Histogram("xrec_batch_latency_ms",
+                                          "recommend micro-batch processing time"))
+        self.stage_ms = reg.add(Histogram(
+            "xrec_recommend_stage_ms", "time one recommend micro-batch spent in each stage "
+            "(" + ", ".join(RECOMMEND_STAGES) + ")", STAGE_BUCKETS, ["stage"]))
+        self.batch_events = reg.add(Histogram(
+            "xrec_recommend_batch_events", "events per recommend micro-batch (adaptive: "
+            "everything waiting, up to XREC_BATCH_MAX)", SIZE_BUCKETS))
+        self.input_lag_ms = reg.add(Histogram("xrec_input_lag_ms",
+                                              "produce → recommend micro-batch delay"))
+        self.e2r_ms = reg.add(Histogram("xrec_event_to_recs_latency_ms", "oldest covered "
+                                        "event produced → recommendations published",
+                                        MS_BUCKETS))
+        self.recs_out = reg.add(Counter("xrec_recommendations_total", "recommendation "
+                                        "records published, by refresh (event: the event's "
+                                        "platform; cross: another platform of the user)",
+                                        ["refresh"]))
+        self.train_batch_ms = reg.add(Histogram("xrec_train_batch_ms", "time one training "
+                                                "batch took (steps + publishing the version)",
+                                                MS_BUCKETS))
+        self.train_skipped = reg.add(Counter("xrec_train_skipped_total", "training examples "
+                                             "left out of a batch bigger than "
+                                             "XREC_TRAIN_LEARN_MAX (the trainer was behind)"))
+        self.head_version = reg.add(Gauge("xrec_head_version",
+                                          "head version the recommender serves"))
+        self.redis_errors = reg.add(Counter("xrec_redis_errors_total",
+                                            "Redis errors (retried with backoff)"))
+        self.drift_signals = reg.add(Counter("xrec_drift_signals_total",
+                                             "drift detector alarms", ["platform", "signal"]))
+        self.broker_errors = reg.add(Counter(
+            "xrec_broker_client_errors_total", "warnings and errors logged by the Kafka "
+            "client (connection lost, request timed out, ...)"))
+        self.consumer_lag = reg.add(Gauge("xrec_consumer_lag_records", "records the broker "
+                                          "holds beyond this worker's committed offsets, by "
+                                          "topic", ["topic"]))
+        self.agent_stalled = reg.add(Gauge("xrec_agent_stalled", "1 while the watchdog "
+                                           "finds the agent stalled", ["agent"]))
+        self.stalls = reg.add(Counter("xrec_stalls_total", "stalls the watchdog noticed",
+                                      ["agent"]))
+        self.agent_idle = reg.add(Gauge("xrec_agent_idle_seconds", "seconds since the agent "
+                                        "last completed an event or micro-batch", ["agent"]))
+
+
+@dataclass
+class Context:
+    """One worker's shared parts. Agents get it from :func:`streams.app.create_app`."""
+
+    app: Any  # faust.App
+    settings: Settings
+    platforms: PlatformRegistry
+    topics: Topics
+    redis: Any  # redis.asyncio.Redis (decoded)
+    state: RedisState
+    metrics: WorkerMetrics
+    watchdog: Watchdog
+    wanted: set[str]
+    worker: str
+    vectors: Any = None  # streams.vectors.VectorStore when an encoder is configured
+    encoder: Any = None
+    #: topic → the agent consuming it (lag per agent for the watchdog)
+    agent_of_topic: dict[str, str] = field(default_factory=dict)
+    #: the recommend agent's running figures, reported every 10 s and on /healthz
+    batch_stats: dict[str, Any] = field(default_factory=lambda: {
+        "batches": 0, "events": 0, "ms": 0.0, "lag_ms": [], "last": None})
+    server: Any = None  # streams.heads.ModelServer in recommend workers with the model
+
+    @property
+    def use_model(self) -> bool:
+        return self.settings.model_enabled and self.vectors is not None
+
+    async def publish(self, topic: str, key: bytes | None, value: bytes) -> None:
+        """Straight to the transport producer: Faust flushes it before every offset commit
+        (at-least-once holds), and it skips ~4 layers of per-message Python in Topic.send."""
+        await self.app.producer.send(topic, key, value, None, None, None)
+        self.metrics.records_out.inc(1, topic)
+
+    async def dead(self, d: DeadLetter) -> None:
+        await self.publish(self.topics.deadletter, None, d.model_dump_json().encode())
+        self.metrics.deadlettered.inc(1, d.code)
+        # the record may be republished after a crash (at-least-once; consumers dedupe by
+        # its source coordinates); the counters in Redis count it once
+        await self.state.count_deadletter(d.src_topic, d.src_partition, d.src_offset, d.code)
+
+    def bad_unified(self, topic: str, partition: int, offset: int, value: bytes | None,
+                    message: str) -> DeadLetter:
+        return DeadLetter(src_topic=topic, src_partition=partition, src_offset=offset,
+                          platform=None, code="bad_unified", message=message[:200],
+                          excerpt="", size=len(value or b""), at=time.time())
