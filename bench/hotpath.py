@@ -9,7 +9,8 @@ the CPU cost of the code between Faust and the producer, stage by stage, so a re
 shows where it is; ``bench/streamed.py`` measures the whole loop on a real broker.
 
 ``--json``: the last stdout line is ``{"batch_sizes": [...], "per_event_ms": {size: ms},
-"stages_ms": {size: {stage: ms per batch}}}``.
+"stages_ms": {size: {stage: ms per batch}}, "redis_script_us_per_call": µs}`` (the last:
+Redis's own time per apply-script call, over the whole run).
 """
 
 from __future__ import annotations

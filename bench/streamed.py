@@ -1,8 +1,8 @@
 """Streamed load: does the loop keep up, and at what latency, at 200, 400, 800, 1600 events/s?
 
 For each offered rate, on a fresh embedded stack (Tansu + Redis: Tansu slows down as
-record batches accumulate, DESIGN.md), with the workers ``xrec dev`` runs (serving worker
-+ train worker, the learned model and the drift monitor on):
+record batches accumulate, DESIGN.md), with the workers ``xrec dev`` runs (recommend;
+normalize + catalog; train; the learned model and the drift monitor on):
 
 1. load the simulator's catalogs and wait until every item is encoded;
 2. stream ``rate × duration`` simulated events at ``rate`` (``xrec replay --rate``);

@@ -110,7 +110,8 @@ class Stack:
         return svc
 
     def worker(self):  # type: ignore[no-untyped-def]
-        """The workers `xrec dev` runs (serving + train worker); returns the serving one."""
+        """The workers `xrec dev` runs (recommend; normalize + catalog; train); returns the
+        recommend one."""
         env = {"KAFKA_BOOTSTRAP_SERVERS": self.tansu.url, "REDIS_URL": self.redis.url,
                "XREC_ENV": "dev", "XREC_LOG_LEVEL": "INFO"}
         workers = start_workers(self.wd, env, self.settings)

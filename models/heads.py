@@ -384,6 +384,8 @@ class ServingTower:
 
     def __init__(self, model: HeadsModel, table: ItemTable) -> None:
         self.model = model
+        for p in table.platforms:  # before the per-platform tables below are built
+            model.add_platform(p)
         self.heads = list(model.platforms)  # column order of the per-platform tables
         with torch.inference_mode():
             m, d = model, model.cfg.dim
@@ -413,8 +415,9 @@ class ServingTower:
         if n <= n0:
             return
         m = self.model
-        for p in list(table.platforms):
-            m.add_platform(p)
+        new = [p for p in table.platforms if p not in self.heads]
+        if new:
+            raise ValueError(f"new platform(s) {new}: build a new ServingTower")
         with torch.inference_mode():
             e, b = m.item_emb(table, np.arange(n0, n))
             plat = torch.from_numpy(np.asarray(table.plat[n0:n], dtype=np.int64)).to(e.device)

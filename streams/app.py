@@ -130,7 +130,6 @@ def create_app(settings: Settings, platforms: PlatformRegistry | None = None,
                   wanted=wanted, worker=str(os.getpid()))
     app.xrec_state = state  # type: ignore[attr-defined]
     app.xrec_metrics = metrics.registry  # type: ignore[attr-defined]
-    app.xrec_context = ctx  # type: ignore[attr-defined]
 
     enc_cfg = settings.encoder_config()
     if enc_cfg is not None and wanted & {"catalog", "recommend", "train"}:
@@ -150,7 +149,8 @@ def create_app(settings: Settings, platforms: PlatformRegistry | None = None,
         train.install(ctx)
     if "catalog" in wanted:
         catalog.install(ctx)
-    if ctx.vectors is not None:
+    if ctx.vectors is not None and wanted & {"recommend", "train"}:
+        # only they read the in-memory index; the catalog agent writes vectors to Redis
         catalog.install_index_refresh(ctx)
     ops.install(ctx)
     return app

@@ -190,10 +190,6 @@ class ModelServer:
         log.warning("drift reaction: histories count from %.0f until %.0f", start, now + seconds)
 
     @property
-    def model(self) -> HeadsModel | None:
-        return self.cur.model if self.cur is not None else None
-
-    @property
     def version(self) -> int:
         return self.cur.version if self.cur is not None else 0
 
@@ -235,8 +231,6 @@ class ModelServer:
     def _prepare(self, version: int, blob: bytes, snap: ItemTable, stamp: int) -> _Served:
         """In a thread: load the weights, fold the tower over every item known so far."""
         model = load_model(blob, self.device)
-        for p in snap.platforms:
-            model.add_platform(p)
         return _Served(version, model, ServingTower(model, snap), stamp)
 
     # ---------------------------------------------------------------- scoring
@@ -246,10 +240,8 @@ class ModelServer:
         cur = self.cur
         assert cur is not None
         t = self.tables.table
-        if cur.stamp != self.tables.stamp or any(p not in cur.model.platforms
+        if cur.stamp != self.tables.stamp or any(p not in cur.tower.heads
                                                  for p in t.platforms):
-            for p in t.platforms:
-                cur.model.add_platform(p)
             cur.tower, cur.stamp, cur.plat = ServingTower(cur.model, t), self.tables.stamp, {}
         else:
             cur.tower.grow(t)
@@ -278,7 +270,16 @@ class ModelServer:
         out: list[float | None | list[tuple[str, float]]] = [None] * len(asks)
         if not asks:
             return out
-        hists = [self.tables.gid_history(cut(a.history, a.now, self.horizon)) for a in asks]
+        # a user's asks (prequential, event platform, other platforms) share one history
+        # list: convert each once (keyed by the list, and by the time when a horizon cuts)
+        conv: dict[tuple[int, float], list[tuple[int, int, float]]] = {}
+        hists = []
+        for a in asks:
+            key = (id(a.history), a.now if self.horizon is not None else 0.0)
+            hv = conv.get(key)
+            if hv is None:
+                hv = conv[key] = self.tables.gid_history(cut(a.history, a.now, self.horizon))
+            hists.append(hv)
         cur = self._embeddings()  # after the histories: they may add rows
         model = cur.model
         h = History.build(hists, [a.now for a in asks],
@@ -298,13 +299,13 @@ class ModelServer:
             n_items = e_p.shape[0]
             if not n_items:
                 continue
+            memo: dict[int, list[int]] = {}  # exclusion columns, per list, for both stages
             for idx, stage in ((evals, "evaluate"), (recs, "rank")):
                 if not idx:
                     continue
                 targets: list[int] = []
                 ex_r: list[int] = []
                 ex_c: list[int] = []
-                memo: dict[int, list[int]] = {}
                 for r, n in enumerate(idx):
                     a = asks[n]
                     tc = -1
@@ -327,7 +328,7 @@ class ModelServer:
                         s.index_put_((torch.as_tensor(ex_r), torch.as_tensor(ex_c)),
                                      torch.tensor(-math.inf, device=s.device))
                     if stage == "evaluate":
-                        self._ranks(s, targets, idx, ex_r, ex_c, out)
+                        self._ranks(s, targets, idx, out)
                     else:
                         self._tops(s, min(k, n_items), t.rows(p), idx, out)
                 if clock is not None:
@@ -335,26 +336,22 @@ class ModelServer:
         return out
 
     @staticmethod
-    def _ranks(s: torch.Tensor, targets: list[int], idx: list[int], ex_r: list[int],
-               ex_c: list[int], out: list[Any]) -> None:
+    def _ranks(s: torch.Tensor, targets: list[int], idx: list[int], out: list[Any]) -> None:
         """0-based rank of each target among the non-excluded columns; ties count half
-        (as :func:`models.metrics.rank_of`)."""
+        (as :func:`models.metrics.rank_of`). Excluded columns are -inf and the target is
+        never excluded (its score is finite), so they never count as greater or equal."""
         tc = torch.as_tensor(targets)
-        ok = tc >= 0
         st = s[torch.arange(len(idx)), tc.clamp(min=0)]
         greater = (s > st[:, None]).sum(1)
         equal = (s == st[:, None]).sum(1) - 1
         rank = (greater.double() + 0.5 * equal.double()).cpu().numpy()
-        finite = torch.isfinite(st).cpu().numpy()
-        okn = ok.cpu().numpy()
-        n_excl = np.zeros(len(idx), dtype=np.int64)
-        if ex_r:  # unique (row, column) pairs: an item listed twice is excluded once
-            pairs = np.unique(np.asarray(ex_r, dtype=np.int64) * s.shape[1]
-                              + np.asarray(ex_c, dtype=np.int64))
-            n_excl = np.bincount(pairs // s.shape[1], minlength=len(idx))
+        bad = ~torch.isfinite(st)
+        if bool(bad.any()):  # a broken score ranks last among the candidates
+            worst = ((s != -math.inf).sum(1) - 1).double().cpu().numpy()
+            rank = np.where(bad.cpu().numpy(), worst, rank)
         for r, n in enumerate(idx):
-            if okn[r]:
-                out[n] = float(rank[r]) if finite[r] else float(s.shape[1] - n_excl[r] - 1)
+            if targets[r] >= 0:
+                out[n] = float(rank[r])
 
     def _tops(self, s: torch.Tensor, k: int, rows: np.ndarray, idx: list[int],
               out: list[Any]) -> None:
@@ -405,15 +402,6 @@ class ModelServer:
                     ((p, "coldstart"), ("all", "coldstart")) if cold else ()):
                 self.quality.setdefault(qk, RankingStats()).add(rank)
         return out
-
-    def evaluate(self, applied: Sequence[tuple[Any, Sequence[HistEntry]]],
-                 seen_before: dict[tuple[str, str], list[str]]) -> list[float | None]:
-        """Rank each applied positive with the served model before it learns from it.
-
-        Returns, per applied event, its rank (0 = top) or None (not ranked: a negative, an
-        item the user already had, or one outside the catalog)."""
-        asks, meta = self.prequential_asks(applied, seen_before)
-        return self.record_ranks(self.answer(asks, 1), meta, len(applied))  # type: ignore[arg-type]
 
     def quality_windows(self) -> list[QualityWindow]:
         now = time.time()

@@ -98,14 +98,6 @@ class Histogram(_Metric):
                 if v <= b:
                     row[i] += 1
 
-    @property
-    def count(self) -> int:
-        return int(sum(r[-2] for r in self.series.values()))
-
-    @property
-    def sum(self) -> float:
-        return float(sum(r[-1] for r in self.series.values()))
-
     def render(self) -> list[str]:
         out = self.header()
         with self._lock:

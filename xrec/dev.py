@@ -26,7 +26,7 @@ from streams.topics import Topics
 
 __all__ = ["DevOptions", "run_dev", "Collector", "SERVE_AGENTS", "start_workers"]
 
-#: what the serving worker of `xrec dev` runs; the train agent runs in a second worker
+#: the serving worker's agents in layout `two` (docker-compose's; the trainer apart)
 SERVE_AGENTS = "normalize,recommend,catalog"
 #: off a terminal the status line is printed when it changed, at most this often
 PIPE_STATUS_EVERY_S = 10.0
@@ -34,7 +34,7 @@ PIPE_STATUS_EVERY_S = 10.0
 DEV_LAYOUT = os.environ.get("XREC_DEV_LAYOUT", "split")
 #: the train worker's CPU priority in `xrec dev`: serving first, training on what is left
 TRAINER_NICE = 10
-#: the train worker's consumer fetch wait in `xrec dev` (the serving worker's: 20 ms)
+#: the train worker's consumer fetch wait in `xrec dev` (the others': XREC_FETCH_MAX_WAIT_MS, 50 ms)
 TRAINER_FETCH_WAIT_MS = 250
 #: the train worker's CPU budget in `xrec dev` (2 cores: broker, Redis, serving, replay)
 TRAINER_CPU_SHARE = 0.3
@@ -52,7 +52,7 @@ class DevOptions:
     workdir: Path | None = None
     ingest_events: int = 50
     drift: tuple[str, ...] = ()
-    one_worker: bool = False  # every agent in one process (default: the trainer apart)
+    one_worker: bool = False  # every agent in one process (default: three workers)
 
 
 class Collector(threading.Thread):
@@ -346,8 +346,8 @@ def run_dev(settings: Settings, o: DevOptions) -> int:
 
 
 def start_workers(workdir: Path, env: dict[str, str], settings: Settings,
-                  one_worker: bool = False, serve_env: dict[str, str] | None = None,
-                  layout: str | None = None) -> list[Any]:
+                  one_worker: bool = False, serve_env: dict[str, str] | None = None
+                  ) -> list[Any]:
     """The workers of `xrec dev` (and of the benchmarks, which measure what it runs), each
     agent group in a process of its own, so none waits for another's GIL:
 
@@ -358,12 +358,13 @@ def start_workers(workdir: Path, env: dict[str, str], settings: Settings,
     * ``train``: at a lower CPU priority and within a CPU budget, in its own group
       (``XREC_APP_ID-train``), with a longer fetch wait.
 
-    ``layout="two"``: normalize, recommend and catalog in one process, the trainer apart;
-    ``one_worker`` (layout ``"one"``): every agent in one process. Returns the workers,
+    ``XREC_DEV_LAYOUT=two``: normalize, recommend and catalog in one process, the trainer
+    apart (docker-compose's layout); ``one_worker`` (or ``XREC_DEV_LAYOUT=one``): every
+    agent in one process. Returns the workers,
     the recommend one first and the trainer last."""
     from xrec.stack import start_worker
 
-    layout = "one" if one_worker else (layout or DEV_LAYOUT)
+    layout = "one" if one_worker else DEV_LAYOUT
     serve = {**env, **(serve_env or {})}
     if layout == "one":
         return [start_worker(workdir, serve)]

@@ -227,7 +227,6 @@ def install(ctx: Context) -> Recommender:
         app.xrec_server = ctx.server
     drift = DriftWatch(ctx) if s.drift_enabled else None
     core = Recommender(ctx, drift)
-    app.xrec_recommender = core
     unified = app.topic(ctx.topics.unified, key_type=bytes, value_type=bytes,
                         key_serializer="raw", value_serializer="raw")
     ctx.agent_of_topic[ctx.topics.unified] = "recommend"
