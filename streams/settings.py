@@ -70,7 +70,7 @@ class Settings(BaseSettings):
                                    "(each fetch costs the embedded broker in proportion to "
                                    "the record batches it holds: see README, Measured)")
     producer_linger_ms: int = Field(
-        10, ge=0, le=1000, description="producer batching delay; larger batches keep the "
+        30, ge=0, le=1000, description="producer batching delay; larger batches keep the "
         "embedded broker fast on long runs (README, Measured)")
     recent_len: int = Field(50, ge=1, description="recent interactions kept per user+platform")
     seen_len: int = Field(500, ge=1, description="consumed items kept per user+platform")
