@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 
 from consumers.cache import RecsCache  # noqa: E402
 from producers.files import read_records  # noqa: E402
-from producers.replay import Replayer, Source  # noqa: E402
+from producers.replay import REPLAY_LINGER_MS, Replayer, Source  # noqa: E402
 from producers.simulate import SimConfig, simulate  # noqa: E402
 from streams.platforms import load_platforms  # noqa: E402
 from streams.settings import Settings  # noqa: E402
@@ -45,7 +45,7 @@ from xrec.stack import (  # noqa: E402
     wait_worker_ready,
 )
 
-LINGER_MS = 10
+LINGER_MS = REPLAY_LINGER_MS  # --linger-ms sets it (default: XREC_PRODUCER_LINGER_MS)
 
 
 def log(msg: str) -> None:

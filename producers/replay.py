@@ -19,6 +19,7 @@ from pathlib import Path
 from producers.files import count_records, read_records
 from streams.errors import StackError
 from streams.platforms import Platform, parse_time
+from streams.settings import Settings
 
 __all__ = ["Source", "Replayer", "Progress"]
 
@@ -57,11 +58,10 @@ class Progress:
             self.stream.flush()
 
 
-#: producer batching delay. Each fetch costs the embedded broker (Tansu's memory store) in
-#: proportion to the record batches a partition holds, so a run with one tiny batch per
-#: record slows down as it goes: 30 ms (vs 10) kept ``xrec dev``'s latency p99 at 167 ms
-#: instead of 267 ms over 20,000 events (README, Measured).
-REPLAY_LINGER_MS = 30
+#: the workers' producer batching delay (``XREC_PRODUCER_LINGER_MS``'s default): each fetch
+#: costs the embedded broker in proportion to the record batches a partition holds, so the
+#: replay batches as the workers do (README, Measured: "Why 30 ms")
+REPLAY_LINGER_MS: int = Settings.model_fields["producer_linger_ms"].default
 
 
 class Replayer:
