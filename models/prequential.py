@@ -2,15 +2,22 @@
 
 The stream is cut into micro-batches, as in the worker. For each batch, every method first
 ranks each event's item with what it knew *before the batch*; then it learns from the batch.
-Ranking queries are positive events whose item the user had not had yet on that platform;
-the candidates are the platform's whole catalog minus the user's earlier items. Methods:
+Every method ranks from the same :class:`models.baselines.Query` objects: the user's
+history on every platform as of the event (earlier events of the same batch included), the
+same exclusions, the same candidates (the platform's whole catalog minus the user's earlier
+items there). Ranking queries are positive events on an item new to the user. Methods:
 
 * ``xrec``            :class:`models.heads.HeadsModel`, trained online on every batch
 * ``xrec_frozen``     the same model, trained during the warm-up only, then frozen
-* ``popularity``      time-decayed item popularity (half-life in seconds of event time)
-* ``cooccurrence``    items co-consumed with the user's recent positives (as the worker)
+* ``popularity``      time-decayed item popularity (half-life chosen on the warm-up)
+* ``itemknn``         cosine item-kNN with a popularity fallback (window chosen on the warm-up)
+* ``popco``           what the worker serves without the model (popularity ⊕ co-occurrence,
+                      the worker's settings)
 * ``text_zero_shot``  cosine of item text vectors to the user's recent positive items'
                       (the language model with no training at all)
+
+Baseline parameters are chosen on the first ``EvalConfig.warmup`` share of the stream only
+(:class:`models.baselines.Tuned`) and reported with the results.
 
 Groups: overall, per platform, and ``coldstart``: the user's first interaction on this
 platform while having history on another one (cross-platform cold start).
@@ -29,14 +36,24 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from models.baselines import (
+    ItemKNN,
+    Method,
+    PopCo,
+    Popularity,
+    Query,
+    TextZeroShot,
+    Tuned,
+)
 from models.heads import HeadsModel, History, ItemTable, ModelConfig
 from models.metrics import PointwiseStats, RankingStats, rank_of
 from models.trainer import Example, OnlineTrainer, TrainConfig
 
-__all__ = ["Event", "Query", "EvalConfig", "Prequential", "METHODS"]
+__all__ = ["Event", "Query", "Method", "EvalConfig", "Prequential", "METHODS"]
 
 log = logging.getLogger("xrec.eval")
-METHODS = ("xrec", "popularity", "cooccurrence", "text_zero_shot", "xrec_frozen")
+METHODS = ("xrec", "popularity", "itemknn", "popco", "text_zero_shot", "xrec_frozen")
+DAY = 86400.0
 
 
 class Event(NamedTuple):
@@ -49,146 +66,25 @@ class Event(NamedTuple):
 
 
 @dataclass
-class Query:
-    platform: str
-    gid: int
-    local: int
-    label: int
-    time: float
-    history: list[tuple[int, int, float]]  # all platforms, newest first: (gid, label, t)
-    seen: np.ndarray  # local indices the user already had on this platform
-    rank_eval: bool  # a positive on an item new to the user
-    coldstart: bool
-    uid: int = 0  # dense user number (baselines keep per-user state by it)
-
-
-@dataclass
 class EvalConfig:
     batch: int = 256
     warmup: float = 0.2  # share of events after which xrec_frozen stops learning
     hist_len: int = 50
-    pop_half_life_s: float = 3 * 86400.0
-    cooc_window: int = 5
-    cooc_max_items: int = 20000
+    #: popularity's half-lives to choose from on the warm-up (inf: plain counts)
+    pop_half_lives_s: tuple[float, ...] = (3600.0, DAY, 7 * DAY, 30 * DAY, math.inf)
+    #: itemknn: the user's last positives it scores from, to choose from on the warm-up
+    knn_score_windows: tuple[int, ...] = (5, 20, 50)
+    knn_fit_window: int = 50
+    #: popco: the worker's settings (``XREC_POPULARITY_HALF_LIFE_S``, ``XREC_COOC_*``)
+    popco_half_life_s: float = 3 * DAY
+    popco_window: int = 5
+    popco_keep: int = 200
+    popco_blend: float = 0.7
+    max_items: int = 12000  # dense co-count matrices of itemknn and popco
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     device: str = "auto"
     methods: tuple[str, ...] = METHODS
-
-
-class Method:
-    name = ""
-
-    def scores(self, qs: list[Query], p: str) -> np.ndarray:
-        """[len(qs), catalog size of p]."""
-        raise NotImplementedError
-
-    def learn(self, qs: list[Query], batch: list[Event]) -> None:
-        pass
-
-
-class Popularity(Method):
-    name = "popularity"
-
-    def __init__(self, table: ItemTable, half_life_s: float) -> None:
-        self.t, self.hl = table, half_life_s
-        self.w: dict[str, np.ndarray] = {}
-        self.anchor: float | None = None
-
-    def _vec(self, p: str) -> np.ndarray:
-        n = len(self.t.rows(p))
-        v = self.w.get(p)
-        if v is None or len(v) < n:
-            grown = np.zeros(n)
-            if v is not None:
-                grown[: len(v)] = v
-            self.w[p] = v = grown
-        return v
-
-    def scores(self, qs: list[Query], p: str) -> np.ndarray:
-        return np.broadcast_to(self._vec(p), (len(qs), len(self.t.rows(p))))
-
-    def learn(self, qs: list[Query], batch: list[Event]) -> None:
-        for q in qs:
-            if not q.label:
-                continue
-            if self.anchor is None:
-                self.anchor = q.time
-            e = (q.time - self.anchor) / self.hl
-            if e > 60:  # rebase: rescale every weight to a new anchor
-                for v in self.w.values():
-                    v *= 2.0 ** (-e)
-                self.anchor, e = q.time, 0.0
-            self._vec(q.platform)[q.local] += 2.0 ** max(e, -1000.0)
-
-
-class Cooccurrence(Method):
-    """cooc(h, i) += w / k for the user's k-th most recent earlier positive h (as apply.lua)."""
-
-    name = "cooccurrence"
-
-    def __init__(self, table: ItemTable, window: int, max_items: int) -> None:
-        self.t, self.win, self.max = table, window, max_items
-        self.m: dict[str, np.ndarray] = {}
-        self.recent: dict[tuple[int, str], deque[int]] = {}
-
-    def _mat(self, p: str) -> np.ndarray:
-        n = len(self.t.rows(p))
-        if n > self.max:
-            raise MemoryError(f"co-occurrence baseline: {n} items on {p} > {self.max}")
-        m = self.m.get(p)
-        if m is None or m.shape[0] < n:
-            grown = np.zeros((max(n, 64), max(n, 64)), dtype=np.float32)
-            if m is not None:
-                grown[: m.shape[0], : m.shape[1]] = m
-            self.m[p] = m = grown
-        return m
-
-    def scores(self, qs: list[Query], p: str) -> np.ndarray:
-        m = self._mat(p)
-        n = len(self.t.rows(p))
-        out = np.zeros((len(qs), n), dtype=np.float32)
-        for r, q in enumerate(qs):
-            for k, h in enumerate(self.recent.get((q.uid, p), ()), start=1):
-                out[r] += m[h, :n] / k
-        return out
-
-    def learn(self, qs: list[Query], batch: list[Event]) -> None:
-        for q in qs:
-            if not q.label:
-                continue
-            m = self._mat(q.platform)
-            key = (q.uid, q.platform)
-            rec = self.recent.setdefault(key, deque(maxlen=self.win))
-            for k, h in enumerate(rec, start=1):
-                if h != q.local:
-                    m[h, q.local] += 1.0 / k
-                    m[q.local, h] += 1.0 / k
-            if q.local in rec:
-                rec.remove(q.local)
-            rec.appendleft(q.local)
-
-
-class TextZeroShot(Method):
-    name = "text_zero_shot"
-
-    def __init__(self, table: ItemTable, decay: float = 0.9, max_hist: int = 20) -> None:
-        self.t, self.decay, self.max_hist = table, decay, max_hist
-
-    def scores(self, qs: list[Query], p: str) -> np.ndarray:
-        t = self.t
-        u = np.zeros((len(qs), t.text_dim), dtype=np.float32)
-        for r, q in enumerate(qs):
-            gs, ws = [], []
-            for g, label, _ in q.history:
-                if label and t.has_text[g]:
-                    gs.append(g)
-                    ws.append(self.decay ** len(ws))
-                    if len(gs) >= self.max_hist:
-                        break
-            if gs:
-                u[r] = np.asarray(ws, dtype=np.float32) @ t.centered(np.asarray(gs))
-        return u @ t.centered(t.rows(p)).T
 
 
 class Model(Method):
@@ -253,6 +149,10 @@ class Prequential:
         self.events = 0
         self.evaluated = 0
         self._uid: dict[str, int] = {}
+        #: method → {dense user: Σ NDCG@10 gain over the user's ranked events} (bootstrap)
+        self.user_gain: dict[str, dict[int, float]] = {}
+        #: dense user → ranked events (the same for every method)
+        self.user_n: dict[int, int] = {}
         #: called after each batch is ranked, before anything learns from it:
         #: observer(batch, queries, {method: [rank or None per query]})
         self.observers: list[Callable[[list[Event], list[Query], dict[str, list[float | None]]],
@@ -263,14 +163,20 @@ class Prequential:
         model = HeadsModel(cfg.model, t.platforms).to(self.device)
         if "xrec" in cfg.methods:
             self.methods.append(Model("xrec", model, t, OnlineTrainer(model, t, cfg.train)))
+        warm = int(cfg.warmup * total) if total else 10000
         if "popularity" in cfg.methods:
-            self.methods.append(Popularity(t, cfg.pop_half_life_s))
-        if "cooccurrence" in cfg.methods:
-            self.methods.append(Cooccurrence(t, cfg.cooc_window, cfg.cooc_max_items))
+            self.methods.append(Tuned("popularity", [Popularity(t, hl)
+                                                     for hl in cfg.pop_half_lives_s], warm))
+        if "itemknn" in cfg.methods:
+            self.methods.append(Tuned("itemknn", [
+                ItemKNN(t, cfg.knn_fit_window, w, cfg.max_items) for w in cfg.knn_score_windows],
+                warm))
+        if "popco" in cfg.methods:
+            self.methods.append(PopCo(t, cfg.popco_half_life_s, cfg.popco_window,
+                                      cfg.popco_keep, cfg.popco_blend, cfg.max_items))
         if "text_zero_shot" in cfg.methods:
             self.methods.append(TextZeroShot(t))
         if "xrec_frozen" in cfg.methods:
-            warm = int(cfg.warmup * total) if total else 10000
             fm = HeadsModel(cfg.model, t.platforms).to(self.device)
             fm.load_state_dict(model.state_dict())
             tr = copy.deepcopy(cfg.train)
@@ -305,7 +211,7 @@ class Prequential:
                       list(reversed(h)), np.fromiter((t.local[s] for s in seen), np.int64,
                                                      len(seen)),
                       bool(ev.label) and g not in seen, not seen and other,
-                      self._uid.setdefault(ev.user, len(self._uid)))
+                      self._uid.setdefault(ev.user, len(self._uid)), float(ev.weight))
             qs.append(q)
             h.append((g, int(ev.label), float(ev.time)))
             seen.add(g)
@@ -314,17 +220,23 @@ class Prequential:
         for q in qs:
             by_plat.setdefault(q.platform, []).append(q)
         self.evaluated += sum(q.rank_eval for q in qs)
+        for q in qs:
+            if q.rank_eval:
+                self.user_n[q.uid] = self.user_n.get(q.uid, 0) + 1
         ranks: dict[str, list[float | None]] = {}
         pos = {id(q): i for i, q in enumerate(qs)}
         for m in self.methods:
             mr: list[float | None] = [None] * len(qs)
             ranks[m.name] = mr
+            ug = self.user_gain.setdefault(m.name, {})
             for p, pq in by_plat.items():
                 s = m.scores(pq, p)
                 for r, q in enumerate(pq):
                     rank, n = rank_of(s[r], q.local, q.seen)
                     if q.rank_eval:
                         mr[pos[id(q)]] = rank
+                        if rank < 10:
+                            ug[q.uid] = ug.get(q.uid, 0.0) + 1.0 / math.log2(rank + 2.0)
                     groups = ("all", f"platform:{p}") + (("coldstart",) if q.coldstart else ())
                     pct = 1.0 - rank / max(n - 1, 1)
                     for grp in groups:
@@ -346,6 +258,34 @@ class Prequential:
         for (m, grp), pt in self.pointwise.items():
             out.setdefault(m, {}).setdefault(grp, {}).update(pt.summary())
         return out
+
+    def ratio_ci(self, a: str, b: str, reps: int = 2000, seed: int = 0
+                 ) -> tuple[float, float] | None:
+        """95% interval of NDCG@10(a) / NDCG@10(b) by a paired bootstrap over users: each
+        resample draws users with replacement and keeps all of their ranked events for both
+        methods (so the ratio's spread is that of the users, not of independent events)."""
+        users = sorted(self.user_n)
+        if not users or a not in self.user_gain or b not in self.user_gain:
+            return None
+        ga = np.array([self.user_gain[a].get(u, 0.0) for u in users])
+        gb = np.array([self.user_gain[b].get(u, 0.0) for u in users])
+        rng = np.random.default_rng(seed)
+        n = len(users)
+        step = max(1, 2_000_000 // n)  # resamples per chunk: weights stay ≤ 16 MB
+        num, den = np.empty(reps), np.empty(reps)
+        for lo in range(0, reps, step):
+            w = rng.multinomial(n, np.full(n, 1.0 / n), size=min(step, reps - lo))
+            num[lo:lo + len(w)], den[lo:lo + len(w)] = w @ ga, w @ gb
+        ok = den > 0
+        if not ok.any():
+            return None
+        r = num[ok] / den[ok]
+        lo, hi = np.percentile(r, [2.5, 97.5])
+        return float(lo), float(hi)
+
+    def params(self) -> dict[str, dict[str, Any]]:
+        """{method: the settings it ranked with (and, if tuned, the warm-up grid)}"""
+        return {m.name: m.params() for m in self.methods}
 
     def train_stats(self) -> dict[str, Any]:
         out = {}

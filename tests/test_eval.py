@@ -23,14 +23,24 @@ def test_eval_on_user_files_prints_the_json_contract_last(tmp_path):
     res = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output
     last = json.loads(res.stdout.strip().splitlines()[-1])
-    assert set(last) == {"dataset", "events", "methods"}
+    assert set(last) == {"dataset", "events", "methods", "best_baseline", "ratio_ndcg@10",
+                         "ratio_ci95"}
     assert last["dataset"] == "files" and last["events"] == 1500
-    assert set(last["methods"]) == {"xrec", "popularity", "cooccurrence", "text_zero_shot",
+    assert set(last["methods"]) == {"xrec", "popularity", "itemknn", "popco", "text_zero_shot",
                                     "xrec_frozen"}
+    best = last["best_baseline"]
+    assert best in {"popularity", "itemknn", "popco", "text_zero_shot"}
+    assert last["methods"][best]["ndcg@10"] == max(
+        last["methods"][m]["ndcg@10"] for m in last["methods"] if m not in ("xrec", "xrec_frozen"))
+    assert abs(last["ratio_ndcg@10"]
+               - last["methods"]["xrec"]["ndcg@10"] / last["methods"][best]["ndcg@10"]) < 2e-3
+    lo, hi = last["ratio_ci95"]
+    assert lo <= last["ratio_ndcg@10"] <= hi
     for m in last["methods"].values():
         assert {"ndcg@10", "recall@10", "auc", "coldstart_recall@10"} <= set(m)
         assert 0 <= m["recall@10"] <= 1 and 0 <= m["ndcg@10"] <= m["recall@10"]
     assert "coldstart" in res.stderr and "popularity" in res.stderr  # the table, on stderr
+    assert "chosen_on_warmup=True" in res.stderr  # the baselines' settings are reported
 
 
 def test_eval_usage_errors():

@@ -231,6 +231,7 @@ def run_eval(settings: Settings, platforms: PlatformRegistry, *, dataset: str | 
     res = pq.results()
     return {"dataset": dataset or "files", "events": len(inter), "deadlettered": dead,
             "evaluated": pq.evaluated, "results": res, "train": pq.train_stats(),
+            "params": pq.params(), "comparison": comparison(pq, res),
             "seconds": round(time.perf_counter() - t_start, 1),
             "prequential_seconds": round(time.perf_counter() - t0, 1),
             "platforms": sorted({x.platform for x in inter})}
@@ -254,8 +255,27 @@ def _encode(settings: Settings, texts: dict[str, dict[str, str]], say: Callable[
     return out
 
 
+#: what xrec is compared with (xrec_frozen is an ablation of xrec, not a baseline)
+BASELINES = ("popularity", "itemknn", "popco", "sasrec", "text_zero_shot")
+
+
+def comparison(pq: Prequential, res: dict[str, Any]) -> dict[str, Any]:
+    """xrec against the best baseline by overall NDCG@10, with a paired bootstrap interval."""
+    scored = {m: res[m]["all"]["ndcg@10"] for m in BASELINES
+              if res.get(m, {}).get("all", {}).get("ndcg@10") is not None}
+    x = res.get("xrec", {}).get("all", {}).get("ndcg@10")
+    if not scored:
+        return {"best_baseline": None, "ratio_ndcg@10": None, "ratio_ci95": None}
+    best = max(scored, key=lambda m: scored[m])
+    ratio = round(x / scored[best], 4) if x is not None and scored[best] else None
+    ci = pq.ratio_ci("xrec", best) if x is not None else None
+    return {"best_baseline": best, "ratio_ndcg@10": ratio,
+            "ratio_ci95": None if ci is None else [round(ci[0], 4), round(ci[1], 4)]}
+
+
 def summary_json(report: dict[str, Any]) -> dict[str, Any]:
-    """The contract: {"dataset", "events", "methods": {name: {metric: value}}}."""
+    """The contract: {"dataset", "events", "methods": {name: {metric: value}},
+    "best_baseline", "ratio_ndcg@10", "ratio_ci95"}."""
     multi = len(report["platforms"]) > 1
     methods: dict[str, dict[str, Any]] = {}
     for m in METHODS:
@@ -269,7 +289,10 @@ def summary_json(report: dict[str, Any]) -> dict[str, Any]:
         if multi:
             d["coldstart_recall@10"] = r.get("coldstart", {}).get("recall@10")
         methods[m] = d
-    return {"dataset": report["dataset"], "events": report["events"], "methods": methods}
+    cmp = report.get("comparison") or {}
+    return {"dataset": report["dataset"], "events": report["events"], "methods": methods,
+            "best_baseline": cmp.get("best_baseline"), "ratio_ndcg@10": cmp.get("ratio_ndcg@10"),
+            "ratio_ci95": cmp.get("ratio_ci95")}
 
 
 def table(report: dict[str, Any]) -> str:
@@ -293,4 +316,19 @@ def table(report: dict[str, Any]) -> str:
                 v = row.get(c)
                 cells.append(f"{'-' if v is None else (f'{v:,}' if c == 'n' else f'{v:.4f}'):>11}")
             lines.append(f"  {m:<16}" + "".join(cells))
+    params = report.get("params") or {}
+    if params:
+        lines.append("settings (baselines: chosen on the warm-up share of the stream only)")
+        for m in METHODS:
+            if params.get(m):
+                shown = {k: v for k, v in params[m].items() if k != "warmup_ndcg@10"}
+                grid = params[m].get("warmup_ndcg@10")
+                lines.append(f"  {m:<16}" + ", ".join(f"{k}={v}" for k, v in shown.items())
+                             + (f"  (warm-up NDCG@10: {grid})" if grid else ""))
+    cmp = report.get("comparison") or {}
+    if cmp.get("ratio_ndcg@10") is not None:
+        ci = cmp.get("ratio_ci95")
+        lines.append(f"xrec / best baseline ({cmp['best_baseline']}) NDCG@10: "
+                     f"{cmp['ratio_ndcg@10']:.3f}" + (f"  (95% paired bootstrap over users: "
+                                                       f"{ci[0]:.3f}–{ci[1]:.3f})" if ci else ""))
     return "\n".join(lines)

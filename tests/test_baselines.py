@@ -1,0 +1,190 @@
+"""The prequential harness's baselines on hand-made streams, and the one input they share."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from models.baselines import ItemKNN, Method, PopCo, Popularity, Query, Tuned
+from models.heads import ItemTable
+from models.prequential import EvalConfig, Event, Prequential
+
+
+def table(n: int = 6, platforms: tuple[str, ...] = ("video",)) -> ItemTable:
+    t = ItemTable(8, 64)
+    for p in platforms:
+        ids = [f"{p}{k}" for k in range(n)]
+        t.set_text(p, ids, np.eye(n, 8, dtype=np.float32))
+    return t
+
+
+def q(
+    t: ItemTable,
+    p: str,
+    item: str,
+    hist: list[str] = (),
+    label: int = 1,
+    time: float = 0.0,
+    weight: float = 1.0,
+) -> Query:
+    g = t.ensure(p, item)
+    h = [
+        (t.ensure(p2, i2), 1, time - 1 - k)
+        for k, (p2, i2) in enumerate(x.split(":") if ":" in x else (p, x) for x in hist)
+    ]
+    return Query(
+        p, g, t.local[g], label, time, h, np.zeros(0, np.int64), True, False, weight=weight
+    )
+
+
+class Recorder(Method):
+    """Wraps a method; keeps every list of queries it was asked to rank or learn from."""
+
+    def __init__(self, inner: Method) -> None:
+        self.inner, self.name = inner, inner.name
+        self.asked: list[list[Query]] = []
+        self.taught: list[list[Query]] = []
+
+    def scores(self, qs, p):
+        self.asked.append(qs)
+        return self.inner.scores(qs, p)
+
+    def learn(self, qs, batch):
+        self.taught.append(qs)
+        self.inner.learn(qs, batch)
+
+
+def test_every_method_ranks_from_the_same_queries_with_in_batch_history():
+    cat = {
+        p: ([f"{p}{k}" for k in range(6)], np.eye(6, 384, dtype=np.float32))
+        for p in ("video", "music")
+    }
+    pq = Prequential(
+        cat,
+        EvalConfig(batch=4, methods=("xrec", "popularity", "itemknn", "popco", "text_zero_shot")),
+    )
+    build = pq._build
+    recs: list[Recorder] = []
+
+    def wrapped(total):
+        build(total)
+        recs.extend(Recorder(m) for m in pq.methods)
+        pq.methods[:] = recs
+
+    pq._build = wrapped  # type: ignore[method-assign]
+    events = [
+        Event("u1", "video", "video1", 1, 1.0, 1.0),
+        Event("u1", "video", "video2", 1, 1.0, 2.0),
+        Event("u2", "music", "music1", 1, 1.0, 3.0),
+        Event("u1", "music", "music3", 1, 1.0, 4.0),
+        Event("u2", "video", "video1", 1, 1.0, 5.0),
+        Event("u2", "video", "video4", 0, 1.0, 6.0),
+    ]
+    pq.run(events, total=len(events))
+    assert [r.name for r in recs] == ["xrec", "popularity", "itemknn", "popco", "text_zero_shot"]
+    first = recs[0]
+    for r in recs[1:]:  # the very same query objects, in the same order, for every method
+        assert len(r.asked) == len(first.asked) and len(r.taught) == len(first.taught)
+        assert all(a is b for a, b in zip(r.asked, first.asked, strict=True))
+        assert all(a is b for a, b in zip(r.taught, first.taught, strict=True))
+    batch1 = first.taught[0]
+    t = pq.table
+    # u1's second event sees the first one of the same micro-batch; its music event sees both
+    assert [h[0] for h in batch1[1].history] == [t.ensure("video", "video1")]
+    assert [h[0] for h in batch1[3].history] == [
+        t.ensure("video", "video2"),
+        t.ensure("video", "video1"),
+    ]
+    assert batch1[3].coldstart and not batch1[2].coldstart
+
+
+def test_popularity_counts_and_decay():
+    t = table()
+    counts = Popularity(t, math.inf)
+    counts.learn(
+        [q(t, "video", "video1", time=0.0)] * 3 + [q(t, "video", "video2", time=100.0)], []
+    )
+    s = counts.scores([q(t, "video", "video0")], "video")[0]
+    assert s.argmax() == t.local[t.ensure("video", "video1")] and s[2] == 1.0
+    fast = Popularity(t, half_life_s=10.0)  # 100 s later, one positive beats three
+    fast.learn([q(t, "video", "video1", time=0.0)] * 3 + [q(t, "video", "video2", time=100.0)], [])
+    s = fast.scores([q(t, "video", "video0")], "video")[0]
+    assert s.argmax() == t.local[t.ensure("video", "video2")]
+    assert counts.params() == {"half_life_days": None}
+
+
+def test_itemknn_scores_co_consumed_items_and_falls_back_to_popularity():
+    t = table()
+    knn = ItemKNN(t, fit_window=50, score_window=20)
+    # many users: video1 then video2; video3 is the most popular item overall
+    teach = []
+    for k in range(5):
+        teach += [
+            q(t, "video", "video1", time=10 * k),
+            q(t, "video", "video2", ["video1"], time=10 * k + 1),
+        ]
+    teach += [q(t, "video", "video3", time=100 + k) for k in range(8)]
+    knn.learn(teach, [])
+    s = knn.scores([q(t, "video", "video0", ["video1"]), q(t, "video", "video0", [])], "video")
+    v = {i: t.local[t.ensure("video", f"video{i}")] for i in range(6)}
+    assert s[0].argmax() == v[2]  # the neighbour of the user's positive
+    assert (
+        s[1].argmax() == v[3] and s[1].max() < 1e-5
+    )  # no positives: popularity only, as tie-break
+    # cosine: co-count / sqrt(n(h) n(i)) = 5 / sqrt(5 * 5)
+    assert abs(s[0][v[2]] - 1.0) < 1e-4
+
+
+def test_popco_is_the_worker_scorer():
+    t = table()
+    pc = PopCo(t, half_life_s=math.inf, window=5, keep=200, blend=0.7)
+    pc.learn(
+        [
+            q(t, "video", "video1"),
+            q(t, "video", "video2", ["video1"], weight=2.0),
+            q(t, "video", "video3", ["video2", "video1"]),
+            q(t, "video", "video4"),
+            q(t, "video", "video4"),
+        ],
+        [],
+    )
+    v = {i: t.local[t.ensure("video", f"video{i}")] for i in range(6)}
+    m = pc._mat("video")
+    # a positive of weight w on i adds w/k to co(r_k, i) for the k-th most recent earlier positive
+    assert m[v[1], v[2]] == 2.0 and m[v[2], v[3]] == 1.0 and m[v[1], v[3]] == 0.5
+    s = pc.scores([q(t, "video", "video0", ["video1"]), q(t, "video", "video0", [])], "video")
+    pop = pc.pop.vec("video")
+    assert pop[v[4]] == 2.0 and pop[v[2]] == 2.0  # weights, plain counts (infinite half-life)
+    co = m[v[1], :6]  # the user's one recent positive: video1 (k = 1)
+    assert np.allclose(s[0], 0.7 * co / co.max() + 0.3 * pop / pop.max())
+    assert np.allclose(s[1], pop / pop.max())  # nothing co-occurs: popularity alone
+
+
+class Fixed(Method):
+    """Ranks the item ``good`` first or last."""
+
+    def __init__(self, good: bool, n: int) -> None:
+        self.good, self.n, self.name = good, n, "fixed"
+
+    def params(self):
+        return {"good": self.good}
+
+    def scores(self, qs, p):
+        out = np.zeros((len(qs), self.n))
+        for r, x in enumerate(qs):
+            out[r, x.local] = 1.0 if self.good else -1.0
+        return out
+
+
+def test_tuned_keeps_the_candidate_best_on_the_warm_up_only():
+    t = table(12)  # more items than the cut-off: last place is outside the top 10
+    tuned = Tuned("fixed", [Fixed(False, 12), Fixed(True, 12)], warm_events=4)
+    for k in range(3):
+        qs = [q(t, "video", "video1", time=k), q(t, "video", "video2", time=k)]
+        tuned.scores(qs, "video")
+        tuned.learn(qs, [None, None])
+    assert tuned.chosen is not None and tuned.params()["good"] is True
+    p = tuned.params()
+    assert p["chosen_on_warmup"] is True and set(p["warmup_ndcg@10"]) == {"good=False", "good=True"}
+    assert p["warmup_ndcg@10"]["good=True"] == 1.0 and p["warmup_ndcg@10"]["good=False"] == 0.0
