@@ -583,7 +583,9 @@ def similar(item: str | None, platform: str | None, text: str | None, to: str | 
               help="catalog (as `xrec catalog` reads it), same platform rule")
 @click.option("--sim-events", default=30000, show_default=True,
               help="events of the synthetic dataset")
-@click.option("--seed", default=7, show_default=True)
+@click.option("--seed", default=7, show_default=True,
+              help="seed of the models (xrec's, sasrec's initialisation and sampling) and of "
+              "the synthetic dataset")
 @click.option("--limit", type=int, default=None, help="evaluate only the first N events")
 @click.option("--batch", default=256, show_default=True, help="micro-batch size")
 @click.option("--warmup", default=0.2, show_default=True,
