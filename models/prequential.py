@@ -300,19 +300,20 @@ class Prequential:
         return {m.name: m.params() for m in self.methods}
 
     def train_stats(self) -> dict[str, Any]:
+        """{learned method: optimizer steps, non-finite steps skipped, p50 ms per step}"""
         out = {}
         for m in self.methods:
             if isinstance(m, Model):
-                st = m.trainer.stats
-                ms = sorted(st.step_ms) or [math.nan]
-                out[m.name] = {"steps": st.steps, "skipped_nonfinite": st.skipped_nonfinite,
-                               "step_ms_p50": round(ms[len(ms) // 2], 2),
-                               "device": str(self.device)}
+                steps, skipped, step_ms = (m.trainer.stats.steps,
+                                           m.trainer.stats.skipped_nonfinite,
+                                           m.trainer.stats.step_ms)
             elif isinstance(m, Tuned) and isinstance(m.chosen or m.cands[0], SASRec):
                 sm: SASRec = m.chosen or m.cands[0]  # type: ignore[assignment]
-                ms = sorted(sm.step_ms) or [math.nan]
-                out[m.name] = {"steps": sm.steps, "skipped_nonfinite": 0,
-                               "step_ms_p50": round(ms[len(ms) // 2], 2),
-                               "device": str(self.device)}
+                steps, skipped, step_ms = sm.steps, 0, sm.step_ms
+            else:
+                continue
+            ms = sorted(step_ms) or [math.nan]
+            out[m.name] = {"steps": steps, "skipped_nonfinite": skipped,
+                           "step_ms_p50": round(ms[len(ms) // 2], 2),
+                           "device": str(self.device)}
         return out
-

@@ -191,9 +191,9 @@ class SASRec(Method):
             by_plat.setdefault(e.platform, []).append(i)
         loss = torch.zeros((), device=self.device)
         for p, idx in by_plat.items():
-            gids, emb = self._item_emb(p)
-            where = {int(g): j for j, g in enumerate(gids)}
-            target = torch.as_tensor([where[ex[i].gid] for i in idx], device=self.device)
+            _, emb = self._item_emb(p)  # columns in the platform's local order
+            target = torch.as_tensor([int(self.t.local[ex[i].gid]) for i in idx],
+                                     device=self.device)
             logits = u[torch.as_tensor(idx, device=self.device)] @ emb.T
             loss = loss + F.cross_entropy(logits, target, reduction="sum")
         loss = loss / len(ex)
