@@ -17,12 +17,14 @@ padding stays small; the caller gets vectors back in its own order.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -178,6 +180,21 @@ def _export_onnx(d: Path, path: Path, max_length: int) -> None:
     tmp.replace(path)
 
 
+@contextlib.contextmanager
+def _cache_lock(cache_dir: Path) -> Iterator[None]:
+    """One exporter at a time per cache folder, across processes (an advisory lock the
+    kernel drops when its holder dies). Besides doing the work once, it is needed for
+    correctness: onnxruntime's quantizer writes its shape-inference file under a fixed name
+    next to the source model, so two quantizing processes deleted each other's (seen: a
+    fresh machine's first `xrec dev` lost a worker to FileNotFoundError)."""
+    with open(cache_dir / ".export.lock", "a+b") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _quantize(src: Path, dst: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -214,15 +231,15 @@ class OnnxEncoder:
         fp = _model_fingerprint(d)
         cfg.cache_dir.mkdir(parents=True, exist_ok=True)
         base = cfg.cache_dir / f"{d.name}-{fp}-opset17-pooled.onnx"
-        if not base.is_file():
-            t = time.perf_counter()
-            _export_onnx(d, base, cfg.max_length)
-            log.info("exported %s in %.1fs", base.name, time.perf_counter() - t)
-        path = base
-        if quantized:
-            path = base.with_name(base.stem + "-int8pc.onnx")
-            if not path.is_file():
-                _quantize(base, path)
+        path = base.with_name(base.stem + "-int8pc.onnx") if quantized else base
+        if not path.is_file():
+            with _cache_lock(cfg.cache_dir):  # the workers of `xrec dev` start together
+                if not base.is_file():
+                    t = time.perf_counter()
+                    _export_onnx(d, base, cfg.max_length)
+                    log.info("exported %s in %.1fs", base.name, time.perf_counter() - t)
+                if quantized and not path.is_file():
+                    _quantize(base, path)
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.intra_op_num_threads = cfg.threads or (os.cpu_count() or 1)

@@ -98,3 +98,24 @@ def test_a_vector_depends_on_its_text_alone(encoders):
         other = enc.encode([texts[0], "zzz " * 40])[0]
         assert np.abs(together - alone).max() < 1e-4, name
         assert np.abs(other - alone[0]).max() < 1e-4, name
+
+
+def test_workers_starting_together_on_an_empty_cache(tmp_path):
+    """`xrec dev` starts its workers at once; on a fresh machine each finds no ONNX file.
+    Two processes exporting and quantizing into one folder at the same time both get a
+    working encoder (onnxruntime's quantizer writes a fixed-name file next to its input:
+    without the lock one process deleted the other's and died)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pathlib import Path; from models.encoder import EncoderConfig, "
+            "load_encoder; e = load_encoder(EncoderConfig(backend='onnx-int8', "
+            "cache_dir=Path(sys.argv[1]), threads=1)); print(e.encode(['a chef knife']).shape)")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-2000:]
+        assert out.strip() == "(1, 384)"
+    assert len(list(tmp_path.glob("*.onnx"))) == 2  # the fp32 graph and its int8 version
