@@ -51,6 +51,7 @@ from streams.topics import Topics  # noqa: E402
 from xrec.dev import Collector, start_workers  # noqa: E402
 from xrec.stack import (  # noqa: E402
     create_topics,
+    embedded_partitions,
     free_port,
     start_redis,
     start_tansu,
@@ -111,7 +112,7 @@ def run_rate(rate: float, duration: float, seed: int, wd: Path, drain_s: float) 
         started.append(tansu)
         redis = start_redis(wd)
         started.append(redis)
-        plan = topics.plan(platforms, settings.partitions)
+        plan = topics.plan(platforms, embedded_partitions(settings))
         create_topics(tansu.url, plan, plan)
         port = free_port()
         env = {"KAFKA_BOOTSTRAP_SERVERS": tansu.url, "REDIS_URL": redis.url,

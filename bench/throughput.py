@@ -40,6 +40,7 @@ from xrec.dev import Collector, start_workers  # noqa: E402
 from xrec.stack import (  # noqa: E402
     _popen,
     create_topics,
+    embedded_partitions,
     start_redis,
     start_tansu,
     wait_worker_ready,
@@ -55,7 +56,8 @@ def log(msg: str) -> None:
 def bare_rate(bootstrap: str, files: list[Path], n: int, wd: Path) -> float:
     from kafka import KafkaConsumer, TopicPartition
 
-    create_topics(bootstrap, ["bench.in", "bench.out"], 4)
+    # as many partitions as xrec's high-volume topics get on this broker: the same broker cost
+    create_topics(bootstrap, ["bench.in", "bench.out"], embedded_partitions(Settings()))
     rep = Replayer(bootstrap, linger_ms=LINGER_MS)
     sent = 0
     for f in files:
@@ -102,7 +104,7 @@ class Stack:
         self.settings = Settings()
         self.topics = Topics(self.settings)
         self.platforms = load_platforms()
-        plan = self.topics.plan(self.platforms, self.settings.partitions)
+        plan = self.topics.plan(self.platforms, embedded_partitions(self.settings))
         create_topics(self.tansu.url, plan, plan)
 
     def _keep(self, svc):  # type: ignore[no-untyped-def]

@@ -36,7 +36,9 @@ class Settings(BaseSettings):
     topic_prefix: str = "xrec."
     redis_prefix: str = "xrec:"
     app_id: str = Field("xrec", description="Faust app id = consumer group id")
-    partitions: int = Field(4, ge=1, le=256)
+    partitions: int = Field(4, ge=1, le=256, description=(
+        "partitions of the high-volume topics; the embedded broker gets 1 unless this is set "
+        "(xrec.stack.embedded_partitions)"))
     platforms_path: str = Field(
         "", description="extra platform config files or folders, separated by ':'"
     )

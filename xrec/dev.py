@@ -173,6 +173,7 @@ def run_dev(settings: Settings, o: DevOptions) -> int:
     from streams.platforms import load_platforms
     from xrec.stack import (
         create_topics,
+    embedded_partitions,
         sigterm_as_interrupt,
         start_redis,
         start_tansu,
@@ -219,7 +220,8 @@ def run_dev(settings: Settings, o: DevOptions) -> int:
                 say(f"started embedded Redis at {redis_url}, pid {rs.pid}")
             else:
                 say(f"using Redis at {redis_url}")
-            plan = topics.plan(platforms, settings.partitions)
+            plan = topics.plan(platforms, settings.partitions if settings.
+                               kafka_bootstrap_servers else embedded_partitions(settings))
             create_topics(bootstrap, plan, plan)
             env = {"KAFKA_BOOTSTRAP_SERVERS": bootstrap, "REDIS_URL": redis_url,
                    "XREC_STATE_EPOCH": epoch, "XREC_LOG_LEVEL": "INFO"}

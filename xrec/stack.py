@@ -19,13 +19,33 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from streams.errors import StackError
 
 __all__ = ["Service", "free_port", "start_tansu", "start_redis", "start_worker", "create_topics",
-           "wait_worker_ready", "tansu_binary", "redis_binary"]
+           "wait_worker_ready", "tansu_binary", "redis_binary", "EMBEDDED_PARTITIONS",
+           "embedded_partitions"]
 
 log = logging.getLogger("xrec.stack")
+
+#: partitions of each high-volume topic on the embedded broker when XREC_PARTITIONS is unset
+EMBEDDED_PARTITIONS = 1
+
+
+def embedded_partitions(settings: Any) -> int:
+    """Partitions per high-volume topic on the embedded Tansu: ``XREC_PARTITIONS`` when it is
+    set, else 1. Tansu's memory storage pays on every fetch in proportion to the record
+    batches a partition holds, and a producer makes a batch per partition per linger, so
+    four partitions make four times the batches for the same records. Measured
+    (`bench/streamed.py`, 800 events/s for 60 s, 2026-12-04): the broker's CPU went from 19%
+    to 60% of a core over the minute with 4 partitions and from 11% to 24% with 1; latency
+    p50 / p99 139 / 344 ms vs 108 / 174 ms. One worker per agent group (what `xrec dev`
+    runs) gains nothing from more partitions; set ``XREC_PARTITIONS`` to try several
+    workers on the embedded stack. Brokers named by ``KAFKA_BOOTSTRAP_SERVERS`` get
+    ``XREC_PARTITIONS`` (default 4)."""
+    return int(settings.partitions) if "partitions" in settings.model_fields_set \
+        else EMBEDDED_PARTITIONS
 
 
 def free_port() -> int:
