@@ -236,6 +236,14 @@ class PopCo(Method):
         return [int(self.t.local[g]) for g in recent_positives(q, self.win, pi, self.t)]
 
     def scores(self, qs: list[Query], p: str) -> np.ndarray:
+        memo = getattr(self, "_memo", None)  # a hybrid asks for the same batch again
+        if memo is not None and memo[0] is qs and memo[1] == p:
+            return memo[2]  # type: ignore[no-any-return]
+        out = self._scores(qs, p)
+        self._memo = (qs, p, out)
+        return out
+
+    def _scores(self, qs: list[Query], p: str) -> np.ndarray:
         m = self._mat(p)
         n = len(self.t.rows(p))
         pop = self.pop.vec(p).astype(np.float64)
@@ -254,6 +262,7 @@ class PopCo(Method):
         return out
 
     def learn(self, qs: list[Query], batch: Sequence[object]) -> None:
+        self._memo = None
         touched: dict[str, set[int]] = {}
         for q in qs:
             if not q.label:
@@ -367,3 +376,31 @@ class Tuned(Method):
             self.grid = self._table()
             self.chosen = self.cands[best]
             self.cands, self.gain = [self.chosen], [self.gain[best]]  # free the others
+
+
+def _standardised(s: np.ndarray) -> np.ndarray:
+    """Each row to mean 0, standard deviation 1 (a constant row becomes 0)."""
+    s = np.asarray(s, dtype=np.float64)
+    sd = s.std(axis=1, keepdims=True)
+    return (s - s.mean(axis=1, keepdims=True)) / np.where(sd > 0, sd, 1.0)
+
+
+class Hybrid(Method):
+    """xrec's scores ⊕ ``lam`` × the worker's popco scores, each standardised per query.
+
+    Neither part learns here: ``model`` and ``popco`` are trained as the methods of the same
+    run (``models.prequential`` trains them for it when the run lacks them), so the hybrid
+    has exactly their information."""
+
+    name = "xrec_hybrid"
+
+    def __init__(self, model: Method, popco: PopCo, lam: float) -> None:
+        self.model, self.popco, self.lam = model, popco, lam
+
+    def params(self) -> dict[str, object]:
+        return {"lam": self.lam}
+
+    def scores(self, qs: list[Query], p: str) -> np.ndarray:
+        return _standardised(self.model.scores(qs, p)) + self.lam * _standardised(
+            self.popco.scores(qs, p))
+

@@ -18,6 +18,8 @@ items there). Ranking queries are positive events on an item new to the user. Me
                       (learning rate chosen on the warm-up; ``models/sasrec.py``)
 * ``text_zero_shot``  cosine of item text vectors to the user's recent positive items'
                       (the language model with no training at all)
+* ``xrec_hybrid``     xrec's scores ⊕ λ × popco's, each standardised per query (λ chosen
+                      on the warm-up): a measured direction, not what the worker serves yet
 
 Baseline parameters are chosen on the first ``EvalConfig.warmup`` share of the stream only
 (:class:`models.baselines.Tuned`) and reported with the results.
@@ -40,6 +42,7 @@ import numpy as np
 import torch
 
 from models.baselines import (
+    Hybrid,
     ItemKNN,
     Method,
     PopCo,
@@ -56,7 +59,8 @@ from models.trainer import Example, OnlineTrainer, TrainConfig
 __all__ = ["Event", "Query", "Method", "EvalConfig", "Prequential", "METHODS"]
 
 log = logging.getLogger("xrec.eval")
-METHODS = ("xrec", "popularity", "itemknn", "popco", "sasrec", "text_zero_shot", "xrec_frozen")
+METHODS = ("xrec", "popularity", "itemknn", "popco", "sasrec", "text_zero_shot", "xrec_frozen",
+           "xrec_hybrid")
 DAY = 86400.0
 
 
@@ -85,6 +89,8 @@ class EvalConfig:
     popco_keep: int = 200
     popco_blend: float = 0.7
     max_items: int = 12000  # dense co-count matrices of itemknn and popco; sasrec's id rows
+    #: xrec_hybrid: popco's weight beside xrec's (both standardised), chosen on the warm-up
+    hybrid_lams: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3)
     #: sasrec: learning rates to choose from on the warm-up (the rest: models/sasrec.py)
     sasrec_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -101,6 +107,7 @@ class Model(Method):
         self.seen_events = 0
         self._items: dict[str, tuple[int, torch.Tensor, torch.Tensor]] = {}
         self._version = 0
+        self._memo: tuple[Any, ...] | None = None
         #: (from, until) event time: histories then count only events from ``from`` on
         self.horizon: tuple[float, float] | None = None
 
@@ -110,6 +117,14 @@ class Model(Method):
         return [h for h in q.history if h[2] >= self.horizon[0]]
 
     def scores(self, qs: list[Query], p: str) -> np.ndarray:
+        memo = self._memo  # xrec_hybrid asks for the same batch again
+        if memo is not None and memo[0] is qs and memo[1] == p and memo[2] == self._version:
+            return memo[3]  # type: ignore[no-any-return]
+        out = self._scores(qs, p)
+        self._memo = (qs, p, self._version, out)
+        return out
+
+    def _scores(self, qs: list[Query], p: str) -> np.ndarray:
         m = self.model
         m.add_platform(p)
         rows = self.t.rows(p)
@@ -131,6 +146,24 @@ class Model(Method):
         ex = [Example(q.platform, q.gid, self._hist(q), q.time, 1.0) for q in qs if q.label]
         if self.trainer.learn(ex):
             self._version += 1
+
+
+class _Feeding(Method):
+    """A method that also trains the parts it is made of when the run does not."""
+
+    def __init__(self, inner: Method, parts: list[Method]) -> None:
+        self.inner, self.parts, self.name = inner, parts, inner.name
+
+    def params(self) -> dict[str, object]:
+        return self.inner.params()
+
+    def scores(self, qs: list[Query], p: str) -> np.ndarray:
+        return self.inner.scores(qs, p)
+
+    def learn(self, qs: list[Query], batch: list[Event]) -> None:
+        for m in self.parts:
+            m.learn(qs, batch)
+        self.inner.learn(qs, batch)
 
 
 class Prequential:
@@ -167,8 +200,9 @@ class Prequential:
     def _build(self, total: int | None) -> None:
         cfg, t = self.cfg, self.table
         model = HeadsModel(cfg.model, t.platforms).to(self.device)
+        xrec = Model("xrec", model, t, OnlineTrainer(model, t, cfg.train))
         if "xrec" in cfg.methods:
-            self.methods.append(Model("xrec", model, t, OnlineTrainer(model, t, cfg.train)))
+            self.methods.append(xrec)
         warm = int(cfg.warmup * total) if total else 10000
         if "popularity" in cfg.methods:
             self.methods.append(Tuned("popularity", [Popularity(t, hl)
@@ -177,9 +211,10 @@ class Prequential:
             self.methods.append(Tuned("itemknn", [
                 ItemKNN(t, cfg.knn_fit_window, w, cfg.max_items) for w in cfg.knn_score_windows],
                 warm))
+        popco = PopCo(t, cfg.popco_half_life_s, cfg.popco_window, cfg.popco_keep,
+                      cfg.popco_blend, cfg.max_items)
         if "popco" in cfg.methods:
-            self.methods.append(PopCo(t, cfg.popco_half_life_s, cfg.popco_window,
-                                      cfg.popco_keep, cfg.popco_blend, cfg.max_items))
+            self.methods.append(popco)
         if "sasrec" in cfg.methods:
             tc = cfg.train  # the same optimizer-step budget per micro-batch as xrec
             self.methods.append(Tuned("sasrec", [SASRec(t, SASRecConfig(
@@ -194,6 +229,14 @@ class Prequential:
             tr = copy.deepcopy(cfg.train)
             self.methods.append(Model("xrec_frozen", fm, t, OnlineTrainer(fm, t, tr),
                                       learn_until=warm))
+
+        if "xrec_hybrid" in cfg.methods:
+            # the run's own xrec and popco when they are in it; else this one trains them
+            feed_x, feed_p = "xrec" not in cfg.methods, "popco" not in cfg.methods
+            hybrid = Tuned("xrec_hybrid", [Hybrid(xrec, popco, lam) for lam in cfg.hybrid_lams],
+                           warm)
+            self.methods.append(_Feeding(hybrid, [m for m, f in ((xrec, feed_x),
+                                                                 (popco, feed_p)) if f]))
 
     def run(self, events: Iterable[Event], total: int | None = None,
             progress: Callable[[int], None] | None = None) -> None:

@@ -222,3 +222,30 @@ def test_sasrec_learns_what_follows_what_and_keeps_to_its_own_random_numbers():
     assert torch.equal(torch.get_rng_state(), state)  # other methods' figures are unchanged
     assert m.steps == 120
     assert hits() >= 7
+
+
+def _ranks(methods: tuple[str, ...], lams: tuple[float, ...]) -> dict[str, list]:
+    """Every method's rank of every query over a small two-platform stream."""
+    cat = {p: ([f"{p}{k}" for k in range(8)],
+               np.random.default_rng(3).normal(size=(8, 384)).astype(np.float32))
+           for p in ("video", "music")}
+    pq = Prequential(cat, EvalConfig(batch=4, methods=methods, hybrid_lams=lams))
+    got: dict[str, list] = {}
+    pq.observers.append(lambda _b, _q, ranks: [got.setdefault(m, []).extend(r)
+                                               for m, r in ranks.items()])
+    rng = np.random.default_rng(5)
+    events = [Event(f"u{rng.integers(4)}", p, f"{p}{rng.integers(8)}", int(rng.random() < .8),
+                    1.0, float(k)) for k, p in enumerate(rng.choice(["video", "music"], 80))]
+    pq.run(events, total=len(events))
+    return got
+
+
+def test_xrec_hybrid_is_xrec_plus_weighted_popco_on_the_same_information():
+    both = _ranks(("xrec", "popco", "xrec_hybrid"), (0.0,))
+    assert any(r is not None for r in both["xrec"])
+    assert both["xrec_hybrid"] == both["xrec"]  # weight 0: xrec's order exactly
+    alone = _ranks(("xrec_hybrid",), (0.0,))  # without xrec in the run it trains its own
+    assert alone["xrec_hybrid"] == both["xrec"]
+    heavy = _ranks(("xrec", "popco", "xrec_hybrid"), (1e6,))
+    differs = [a != b for a, b in zip(heavy["xrec_hybrid"], heavy["xrec"], strict=True)]
+    assert any(differs)  # popco's weight moves the ranking

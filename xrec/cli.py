@@ -592,8 +592,11 @@ def similar(item: str | None, platform: str | None, text: str | None, to: str | 
               help="share of events (the warm-up) on which baselines choose their settings "
               "and after which xrec_frozen stops learning")
 @click.option("--methods", default=",".join(("xrec", "popularity", "itemknn", "popco",
-                                             "sasrec", "text_zero_shot", "xrec_frozen")),
-              show_default=True, help="comma list of methods to run")
+                                             "sasrec", "text_zero_shot", "xrec_frozen",
+                                             "xrec_hybrid")),
+              show_default=True, help="comma list of methods to run (xrec_hybrid: xrec's "
+              "scores plus a weight, chosen on the warm-up, times popco's; not what the "
+              "worker serves)")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True, help="where the model trains")
 @click.option("--json", "as_json", is_flag=True,
@@ -617,7 +620,9 @@ def eval_cmd(dataset: str | None, events: tuple[str, ...], catalogs: tuple[str, 
     serves without the model, with its XREC_POPULARITY_HALF_LIFE_S and XREC_COOC_*
     settings), sasrec (self-attentive sequential model over item ids, 2 blocks, dim 64,
     trained online with xrec's optimizer steps per micro-batch; learning rate chosen on
-    the warm-up), text_zero_shot (the language model alone, never trained). The table
+    the warm-up), text_zero_shot (the language model alone, never trained), xrec_hybrid
+    (xrec's scores plus popco's, both standardised per query, popco's weight chosen on
+    the warm-up; a measured direction the worker does not serve yet). The table
     reports each baseline's chosen settings and xrec's NDCG@10 ratio to the best
     baseline with a 95% paired bootstrap interval over users.
 

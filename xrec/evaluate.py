@@ -312,8 +312,14 @@ def comparison(pq: Prequential, res: dict[str, Any]) -> dict[str, Any]:
     best = max(scored, key=lambda m: scored[m])
     ratio = round(x / scored[best], 4) if x is not None and scored[best] else None
     ci = pq.ratio_ci("xrec", best) if x is not None else None
-    return {"best_baseline": best, "ratio_ndcg@10": ratio,
-            "ratio_ci95": None if ci is None else [round(ci[0], 4), round(ci[1], 4)]}
+    out = {"best_baseline": best, "ratio_ndcg@10": ratio,
+           "ratio_ci95": None if ci is None else [round(ci[0], 4), round(ci[1], 4)]}
+    hy = res.get("xrec_hybrid", {}).get("all", {}).get("ndcg@10")
+    if hy is not None and scored[best]:  # in the full report (--report), not the summary
+        hci = pq.ratio_ci("xrec_hybrid", best)
+        out["xrec_hybrid"] = {"ratio_ndcg@10": round(hy / scored[best], 4), "ratio_ci95":
+                              None if hci is None else [round(hci[0], 4), round(hci[1], 4)]}
+    return out
 
 
 def summary_json(report: dict[str, Any]) -> dict[str, Any]:
@@ -374,4 +380,10 @@ def table(report: dict[str, Any]) -> str:
         lines.append(f"xrec / best baseline ({cmp['best_baseline']}) NDCG@10: "
                      f"{cmp['ratio_ndcg@10']:.3f}" + (f"  (95% paired bootstrap over users: "
                                                        f"{ci[0]:.3f}–{ci[1]:.3f})" if ci else ""))
+    hy = cmp.get("xrec_hybrid")
+    if hy:
+        ci = hy.get("ratio_ci95")
+        lines.append(f"xrec_hybrid / {cmp['best_baseline']} NDCG@10: {hy['ratio_ndcg@10']:.3f}"
+                     + (f"  ({ci[0]:.3f}–{ci[1]:.3f}); the worker serves xrec, not the hybrid"
+                        if ci else ""))
     return "\n".join(lines)
