@@ -4,6 +4,7 @@ stopped by PID), unique topic / key prefixes per test, worker subprocesses stopp
 from __future__ import annotations
 
 import os
+import signal
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,6 +27,17 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A test run stopped with SIGTERM (CI's timeout, `kill`) ends like Ctrl-C: pytest runs the
+    fixtures' teardown, so the session's broker, Redis and workers are stopped by PID too.
+    Without it they outlived the run (seen: a killed run left its Tansu and Redis behind)."""
+
+    def _interrupt(_sig: int, _frm: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 @dataclass
