@@ -24,7 +24,7 @@ best so far (NDCG@10 on the earlier warm-up batches only) and keeps the best one
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,6 +64,17 @@ class Method:
     def params(self) -> dict[str, object]:
         """The settings it ranks with (reported next to its figures)."""
         return {}
+
+    def _memoised(self, qs: list[Query], p: str, version: int,
+                  compute: Callable[[list[Query], str], np.ndarray]) -> np.ndarray:
+        """The same batch's scores again when asked twice at one ``version`` of what the
+        method learnt (``xrec_hybrid`` asks its parts after they ranked for themselves)."""
+        last = self.__dict__.get("_last_scores")
+        if last is not None and last[0] is qs and last[1] == p and last[2] == version:
+            return last[3]  # type: ignore[no-any-return]
+        out = compute(qs, p)
+        self._last_scores = (qs, p, version, out)
+        return out
 
 
 def recent_positives(q: Query, n: int, plat: int | None = None,
@@ -217,6 +228,7 @@ class PopCo(Method):
         self.t, self.win, self.keep, self.blend, self.max = table, window, keep, blend, max_items
         self.pop = Popularity(table, half_life_s)
         self.co: dict[str, np.ndarray] = {}
+        self.learnt = 0  # batches learnt from
 
     def params(self) -> dict[str, object]:
         return {**self.pop.params(), "window": self.win, "keep": self.keep,
@@ -236,12 +248,7 @@ class PopCo(Method):
         return [int(self.t.local[g]) for g in recent_positives(q, self.win, pi, self.t)]
 
     def scores(self, qs: list[Query], p: str) -> np.ndarray:
-        memo = getattr(self, "_memo", None)  # a hybrid asks for the same batch again
-        if memo is not None and memo[0] is qs and memo[1] == p:
-            return memo[2]  # type: ignore[no-any-return]
-        out = self._scores(qs, p)
-        self._memo = (qs, p, out)
-        return out
+        return self._memoised(qs, p, self.learnt, self._scores)
 
     def _scores(self, qs: list[Query], p: str) -> np.ndarray:
         m = self._mat(p)
@@ -262,7 +269,7 @@ class PopCo(Method):
         return out
 
     def learn(self, qs: list[Query], batch: Sequence[object]) -> None:
-        self._memo = None
+        self.learnt += 1
         touched: dict[str, set[int]] = {}
         for q in qs:
             if not q.label:

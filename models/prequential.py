@@ -107,7 +107,6 @@ class Model(Method):
         self.seen_events = 0
         self._items: dict[str, tuple[int, torch.Tensor, torch.Tensor]] = {}
         self._version = 0
-        self._memo: tuple[Any, ...] | None = None
         #: (from, until) event time: histories then count only events from ``from`` on
         self.horizon: tuple[float, float] | None = None
 
@@ -117,12 +116,7 @@ class Model(Method):
         return [h for h in q.history if h[2] >= self.horizon[0]]
 
     def scores(self, qs: list[Query], p: str) -> np.ndarray:
-        memo = self._memo  # xrec_hybrid asks for the same batch again
-        if memo is not None and memo[0] is qs and memo[1] == p and memo[2] == self._version:
-            return memo[3]  # type: ignore[no-any-return]
-        out = self._scores(qs, p)
-        self._memo = (qs, p, self._version, out)
-        return out
+        return self._memoised(qs, p, self._version, self._scores)
 
     def _scores(self, qs: list[Query], p: str) -> np.ndarray:
         m = self.model

@@ -3,8 +3,8 @@ stopped by PID), unique topic / key prefixes per test, worker subprocesses stopp
 
 from __future__ import annotations
 
+import contextlib
 import os
-import signal
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,6 +17,7 @@ from streams.topics import Topics
 from xrec.stack import (
     Service,
     create_topics,
+    sigterm_as_interrupt,
     start_redis,
     start_tansu,
     start_worker,
@@ -29,15 +30,18 @@ DATA = Path(__file__).parent / "data"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+_SIGNALS = contextlib.ExitStack()
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """A test run stopped with SIGTERM (CI's timeout, `kill`) ends like Ctrl-C: pytest runs the
     fixtures' teardown, so the session's broker, Redis and workers are stopped by PID too.
     Without it they outlived the run (seen: a killed run left its Tansu and Redis behind)."""
+    _SIGNALS.enter_context(sigterm_as_interrupt())
 
-    def _interrupt(_sig: int, _frm: object) -> None:
-        raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, _interrupt)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    _SIGNALS.close()
 
 
 @dataclass
