@@ -58,7 +58,7 @@ class Recorder:
     def observe(self, batch, qs, ranks) -> None:  # type: ignore[no-untyped-def]
         assert self.pq is not None
         if self.reactions is None:
-            model = next(m for m in self.pq.methods if m.name == "xrec")
+            model = self.pq.online
 
             def horizon(platform: str, seconds: float) -> None:
                 old = model.horizon  # type: ignore[attr-defined]

@@ -31,9 +31,10 @@ import numpy as np
 
 from models.heads import ItemTable
 from models.metrics import rank_of
+from models.popco import popco_dense, standardised
 
 __all__ = ["Query", "Method", "Popularity", "ItemKNN", "PopCo", "TextZeroShot", "Tuned",
-           "recent_positives"]
+           "recent_positives", "Hybrid"]
 
 
 @dataclass
@@ -253,20 +254,11 @@ class PopCo(Method):
     def _scores(self, qs: list[Query], p: str) -> np.ndarray:
         m = self._mat(p)
         n = len(self.t.rows(p))
-        pop = self.pop.vec(p).astype(np.float64)
-        top = pop.max() if n else 0.0
-        pop_n = pop / top if top > 0 else pop
-        out = np.empty((len(qs), n), dtype=np.float64)
+        co = np.zeros((len(qs), n))
         for r, q in enumerate(qs):
-            co = np.zeros(n)
             for k, h in enumerate(self._recent(q, p), start=1):
-                co += m[h, :n] / k
-            cmax = co.max() if n else 0.0
-            if cmax > 0:
-                out[r] = self.blend * co / cmax + (1.0 - self.blend) * pop_n
-            else:
-                out[r] = pop_n
-        return out
+                co[r] += m[h, :n] / k
+        return popco_dense(co, self.pop.vec(p), self.blend)
 
     def learn(self, qs: list[Query], batch: Sequence[object]) -> None:
         self.learnt += 1
@@ -385,29 +377,21 @@ class Tuned(Method):
             self.cands, self.gain = [self.chosen], [self.gain[best]]  # free the others
 
 
-def _standardised(s: np.ndarray) -> np.ndarray:
-    """Each row to mean 0, standard deviation 1 (a constant row becomes 0)."""
-    s = np.asarray(s, dtype=np.float64)
-    sd = s.std(axis=1, keepdims=True)
-    return (s - s.mean(axis=1, keepdims=True)) / np.where(sd > 0, sd, 1.0)
-
-
 class Hybrid(Method):
-    """xrec's scores ⊕ ``lam`` × the worker's popco scores, each standardised per query.
+    """A model's scores ⊕ ``lam`` × the worker's popco scores, each standardised per query
+    (what the worker serves as xrec, ``streams/heads.py``; ``lam`` = ``XREC_HYBRID_WEIGHT``).
 
-    Neither part learns here: ``model`` and ``popco`` are trained as the methods of the same
-    run (``models.prequential`` trains them for it when the run lacks them), so the hybrid
-    has exactly their information."""
+    Neither part learns here: the run trains ``model`` and ``popco`` once per batch
+    (``models.prequential``), so the hybrid has exactly their information."""
 
-    name = "xrec_hybrid"
-
-    def __init__(self, model: Method, popco: PopCo, lam: float) -> None:
-        self.model, self.popco, self.lam = model, popco, lam
+    def __init__(self, name: str, model: Method, popco: PopCo, lam: float) -> None:
+        self.name, self.model, self.popco, self.lam = name, model, popco, lam
 
     def params(self) -> dict[str, object]:
-        return {"lam": self.lam}
+        return {"hybrid_weight": self.lam, **self.model.params()}
 
     def scores(self, qs: list[Query], p: str) -> np.ndarray:
-        return _standardised(self.model.scores(qs, p)) + self.lam * _standardised(
-            self.popco.scores(qs, p))
-
+        s = self.model.scores(qs, p)
+        if self.lam == 0:
+            return s
+        return standardised(s) + self.lam * standardised(self.popco.scores(qs, p))

@@ -17,7 +17,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 
-__all__ = ["SCORER_VERSION", "popco_scores", "popco_rank", "decay_factor"]
+import numpy as np
+
+__all__ = ["SCORER_VERSION", "popco_scores", "popco_rank", "popco_dense", "standardised",
+           "decay_factor"]
 
 SCORER_VERSION = "popco-1"
 
@@ -72,6 +75,26 @@ def popco_scores(
         taken += 1
     scored.sort()
     return [(item, round(-ns, 6)) for ns, item in scored[:limit]]
+
+
+def popco_dense(co: np.ndarray, pop: np.ndarray, blend: float) -> np.ndarray:
+    """The same score over a whole catalog at once: ``co`` [B, n] each query's summed
+    co-occurrence row (Σ_k cooc(r_k, ·)/k), ``pop`` [n] popularity → [B, n]."""
+    co = np.asarray(co, dtype=np.float64)
+    pop = np.asarray(pop, dtype=np.float64)
+    top = pop.max() if pop.size else 0.0
+    pop_n = pop / top if top > 0 else pop
+    cmax = co.max(axis=1, keepdims=True) if co.shape[1] else np.zeros((len(co), 1))
+    has = cmax > 0
+    return np.where(has, blend * co / np.where(has, cmax, 1.0) + (1.0 - blend) * pop_n,
+                    pop_n[None, :])
+
+
+def standardised(s: np.ndarray) -> np.ndarray:
+    """Each row to mean 0, standard deviation 1 (a constant row becomes 0)."""
+    s = np.asarray(s, dtype=np.float64)
+    sd = s.std(axis=1, keepdims=True)
+    return (s - s.mean(axis=1, keepdims=True)) / np.where(sd > 0, sd, 1.0)
 
 
 def popco_rank(

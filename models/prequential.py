@@ -7,8 +7,12 @@ history on every platform as of the event (earlier events of the same batch incl
 same exclusions, the same candidates (the platform's whole catalog minus the user's earlier
 items there). Ranking queries are positive events on an item new to the user. Methods:
 
-* ``xrec``            :class:`models.heads.HeadsModel`, trained online on every batch
-* ``xrec_frozen``     the same model, trained during the warm-up only, then frozen
+* ``xrec``            what the worker serves: the scores of :class:`models.heads.HeadsModel`,
+                      trained online on every batch, ⊕ ``hybrid_weight`` × popco's, each
+                      standardised per query (``XREC_HYBRID_WEIGHT``)
+* ``xrec_model``      the model's scores alone (``XREC_HYBRID_WEIGHT=0``)
+* ``xrec_frozen``     xrec with the model trained during the warm-up only, then frozen
+                      (popco keeps counting: the ablation of online training)
 * ``popularity``      time-decayed item popularity (half-life chosen on the warm-up)
 * ``itemknn``         cosine item-kNN with a popularity fallback (window chosen on the warm-up)
 * ``popco``           what the worker serves without the model (popularity ⊕ co-occurrence,
@@ -18,8 +22,6 @@ items there). Ranking queries are positive events on an item new to the user. Me
                       (learning rate chosen on the warm-up; ``models/sasrec.py``)
 * ``text_zero_shot``  cosine of item text vectors to the user's recent positive items'
                       (the language model with no training at all)
-* ``xrec_hybrid``     xrec's scores ⊕ λ × popco's, each standardised per query (λ chosen
-                      on the warm-up): a measured direction, not what the worker serves yet
 
 Baseline parameters are chosen on the first ``EvalConfig.warmup`` share of the stream only
 (:class:`models.baselines.Tuned`) and reported with the results.
@@ -59,8 +61,8 @@ from models.trainer import Example, OnlineTrainer, TrainConfig
 __all__ = ["Event", "Query", "Method", "EvalConfig", "Prequential", "METHODS"]
 
 log = logging.getLogger("xrec.eval")
-METHODS = ("xrec", "popularity", "itemknn", "popco", "sasrec", "text_zero_shot", "xrec_frozen",
-           "xrec_hybrid")
+METHODS = ("xrec", "xrec_model", "popularity", "itemknn", "popco", "sasrec", "text_zero_shot",
+           "xrec_frozen")
 DAY = 86400.0
 
 
@@ -89,8 +91,9 @@ class EvalConfig:
     popco_keep: int = 200
     popco_blend: float = 0.7
     max_items: int = 12000  # dense co-count matrices of itemknn and popco; sasrec's id rows
-    #: xrec_hybrid: popco's weight beside xrec's (both standardised), chosen on the warm-up
-    hybrid_lams: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3)
+    #: xrec = the model's scores + hybrid_weight × popco's, both standardised per query: the
+    #: worker's ``XREC_HYBRID_WEIGHT`` (0 = the model alone)
+    hybrid_weight: float = 0.2
     #: sasrec: learning rates to choose from on the warm-up (the rest: models/sasrec.py)
     sasrec_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -142,24 +145,6 @@ class Model(Method):
             self._version += 1
 
 
-class _Feeding(Method):
-    """A method that also trains the parts it is made of when the run does not."""
-
-    def __init__(self, inner: Method, parts: list[Method]) -> None:
-        self.inner, self.parts, self.name = inner, parts, inner.name
-
-    def params(self) -> dict[str, object]:
-        return self.inner.params()
-
-    def scores(self, qs: list[Query], p: str) -> np.ndarray:
-        return self.inner.scores(qs, p)
-
-    def learn(self, qs: list[Query], batch: list[Event]) -> None:
-        for m in self.parts:
-            m.learn(qs, batch)
-        self.inner.learn(qs, batch)
-
-
 class Prequential:
     """Feeds events through every method, test-then-train, and keeps the metrics."""
 
@@ -175,6 +160,8 @@ class Prequential:
         self.device = torch.device("cuda" if cfg.device in ("auto", "cuda")
                                    and torch.cuda.is_available() else "cpu")
         self.methods: list[Method] = []
+        self.parts: list[Method] = []  # trained each batch but not ranked (see _build)
+        self.online: Model | None = None
         self.hist: dict[str, deque[tuple[int, int, float]]] = {}
         self.seen: dict[tuple[str, str], set[int]] = {}
         self.ranking: dict[tuple[str, str], RankingStats] = {}
@@ -193,44 +180,46 @@ class Prequential:
 
     def _build(self, total: int | None) -> None:
         cfg, t = self.cfg, self.table
+        ms = cfg.methods
         model = HeadsModel(cfg.model, t.platforms).to(self.device)
-        xrec = Model("xrec", model, t, OnlineTrainer(model, t, cfg.train))
-        if "xrec" in cfg.methods:
-            self.methods.append(xrec)
+        #: the online model (xrec_model); xrec is it ⊕ hybrid_weight × popco, as served
+        self.online = online = Model("xrec_model", model, t, OnlineTrainer(model, t, cfg.train))
+        popco = PopCo(t, cfg.popco_half_life_s, cfg.popco_window, cfg.popco_keep,
+                      cfg.popco_blend, cfg.max_items)
         warm = int(cfg.warmup * total) if total else 10000
-        if "popularity" in cfg.methods:
+        if "xrec" in ms:
+            self.methods.append(Hybrid("xrec", online, popco, cfg.hybrid_weight))
+        if "xrec_model" in ms:
+            self.methods.append(online)
+        if "popularity" in ms:
             self.methods.append(Tuned("popularity", [Popularity(t, hl)
                                                      for hl in cfg.pop_half_lives_s], warm))
-        if "itemknn" in cfg.methods:
+        if "itemknn" in ms:
             self.methods.append(Tuned("itemknn", [
                 ItemKNN(t, cfg.knn_fit_window, w, cfg.max_items) for w in cfg.knn_score_windows],
                 warm))
-        popco = PopCo(t, cfg.popco_half_life_s, cfg.popco_window, cfg.popco_keep,
-                      cfg.popco_blend, cfg.max_items)
-        if "popco" in cfg.methods:
+        if "popco" in ms:
             self.methods.append(popco)
-        if "sasrec" in cfg.methods:
+        if "sasrec" in ms:
             tc = cfg.train  # the same optimizer-step budget per micro-batch as xrec
             self.methods.append(Tuned("sasrec", [SASRec(t, SASRecConfig(
                 lr=lr, steps=tc.steps, replay=tc.replay, replay_share=tc.replay_share,
                 capacity=cfg.max_items, max_len=cfg.hist_len, seed=tc.seed), self.device)
                 for lr in cfg.sasrec_lrs], warm))
-        if "text_zero_shot" in cfg.methods:
+        if "text_zero_shot" in ms:
             self.methods.append(TextZeroShot(t))
-        if "xrec_frozen" in cfg.methods:
+        if "xrec_frozen" in ms:
             fm = HeadsModel(cfg.model, t.platforms).to(self.device)
             fm.load_state_dict(model.state_dict())
-            tr = copy.deepcopy(cfg.train)
-            self.methods.append(Model("xrec_frozen", fm, t, OnlineTrainer(fm, t, tr),
-                                      learn_until=warm))
-
-        if "xrec_hybrid" in cfg.methods:
-            # the run's own xrec and popco when they are in it; else this one trains them
-            feed_x, feed_p = "xrec" not in cfg.methods, "popco" not in cfg.methods
-            hybrid = Tuned("xrec_hybrid", [Hybrid(xrec, popco, lam) for lam in cfg.hybrid_lams],
-                           warm)
-            self.methods.append(_Feeding(hybrid, [m for m, f in ((xrec, feed_x),
-                                                                 (popco, feed_p)) if f]))
+            frozen = Model("xrec_frozen_model", fm, t,
+                           OnlineTrainer(fm, t, copy.deepcopy(cfg.train)), learn_until=warm)
+            self.methods.append(Hybrid("xrec_frozen", frozen, popco, cfg.hybrid_weight))
+            self.parts.append(frozen)
+        # parts a hybrid ranks with that the run does not list: trained here, once a batch
+        if "xrec" in ms and "xrec_model" not in ms:
+            self.parts.append(online)
+        if ("xrec" in ms or "xrec_frozen" in ms) and "popco" not in ms:
+            self.parts.append(popco)
 
     def run(self, events: Iterable[Event], total: int | None = None,
             progress: Callable[[int], None] | None = None) -> None:
@@ -295,7 +284,7 @@ class Prequential:
                             self.ranking.setdefault((m.name, grp), RankingStats()).add(rank)
         for obs in self.observers:
             obs(batch, qs, ranks)
-        for m in self.methods:
+        for m in (*self.methods, *self.parts):
             m.learn(qs, batch)
 
     # ---------------------------------------------------------------- results
@@ -340,10 +329,11 @@ class Prequential:
         """{learned method: optimizer steps, non-finite steps skipped, p50 ms per step}"""
         out = {}
         for m in self.methods:
-            if isinstance(m, Model):
-                steps, skipped, step_ms = (m.trainer.stats.steps,
-                                           m.trainer.stats.skipped_nonfinite,
-                                           m.trainer.stats.step_ms)
+            inner = m.model if isinstance(m, Hybrid) else m
+            if isinstance(inner, Model):
+                steps, skipped, step_ms = (inner.trainer.stats.steps,
+                                           inner.trainer.stats.skipped_nonfinite,
+                                           inner.trainer.stats.step_ms)
             elif isinstance(m, Tuned) and isinstance(m.chosen or m.cands[0], SASRec):
                 sm: SASRec = m.chosen or m.cands[0]  # type: ignore[assignment]
                 steps, skipped, step_ms = sm.steps, 0, sm.step_ms

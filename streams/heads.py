@@ -39,13 +39,15 @@ from models.heads import (
     save_model,
 )
 from models.metrics import RankingStats
+from models.popco import popco_dense, standardised
 from models.trainer import Example, OnlineTrainer, TrainConfig
 from streams.records import HeadVersion, QualityWindow, TrainingExample
 from streams.settings import Settings
 from streams.state import redis_from_url
 from streams.vectors import VectorStore
 
-__all__ = ["HeadRegistry", "ModelServer", "Ask", "TrainerService", "model_config", "examples_json"]
+__all__ = ["HeadRegistry", "ModelServer", "Ask", "TrainerService", "model_config", "examples_json",
+           "recent_positives"]
 
 log = logging.getLogger("xrec.heads")
 
@@ -132,7 +134,10 @@ class Ask:
 
     With ``target`` (prequential) the answer is that item's rank, 0 = top (None when it
     is not in the catalog); otherwise the best ``k`` (item, score). Items in ``exclude``
-    and ``extra`` (consumed ones) are not candidates; the target never counts as one."""
+    and ``extra`` (consumed ones) are not candidates; the target never counts as one.
+    ``pop`` and ``co`` (:class:`streams.state.AggRow`): the platform's popularity and the
+    co-occurrence rows of the user's recent positives there (newest first), for the
+    model ⊕ popco hybrid (``XREC_HYBRID_WEIGHT``); without them the model ranks alone."""
 
     history: Sequence[HistEntry]
     platform: str
@@ -140,6 +145,20 @@ class Ask:
     exclude: Sequence[str] = ()
     extra: Sequence[str] = ()
     target: str | None = None
+    pop: Any = None
+    co: Sequence[Any] = ()
+
+
+def recent_positives(history: Sequence[HistEntry], platform: str, n: int) -> list[str]:
+    """The last ``n`` distinct positive items of ``platform`` in a history (newest first):
+    the items whose co-occurrence rows popco sums (``models.baselines.recent_positives``)."""
+    out: list[str] = []
+    for p, item, label, _ in history:
+        if label and p == platform and item not in out:
+            out.append(item)
+            if len(out) >= n:
+                break
+    return out
 
 
 @dataclass
@@ -324,6 +343,8 @@ class ModelServer:
                 with torch.inference_mode():
                     sel = torch.as_tensor(idx, device=q_all.device)
                     s = torch.addmm(b_p[None], q_all[sel], e_p.T, alpha=tau)
+                    if self.s.hybrid_weight > 0:
+                        s = self._hybrid(s, [asks[n] for n in idx], p, n_items)
                     if ex_r:
                         s.index_put_((torch.as_tensor(ex_r), torch.as_tensor(ex_c)),
                                      torch.tensor(-math.inf, device=s.device))
@@ -334,6 +355,48 @@ class ModelServer:
                 if clock is not None:
                     clock.lap(stage)
         return out
+
+    def _hybrid(self, s: torch.Tensor, asks: Sequence[Ask], p: str, n: int) -> torch.Tensor:
+        """The model's scores ⊕ λ × popco's, each standardised over the platform's catalog
+        (before exclusions), as ``models.baselines.Hybrid``. Asks without popularity or
+        co-occurrence rows keep the model's order (their popco row is constant)."""
+        if not any(a.pop is not None or a.co for a in asks):
+            return s
+        co = np.zeros((len(asks), n))
+        groups: dict[int, tuple[Any, list[int]]] = {}  # popularity row → its asks
+        for r, a in enumerate(asks):
+            for k, row in enumerate(a.co, start=1):
+                c, v = self._row_cols(row, p)
+                co[r, c] += v / k  # a row's columns are distinct
+            groups.setdefault(id(a.pop), (a.pop, []))[1].append(r)
+        pc = np.empty_like(co)
+        for row, rs in groups.values():  # one per platform and stage, at most two
+            pv = np.zeros(n)
+            if row is not None:
+                c, v = self._row_cols(row, p)
+                pv[c] = v
+            pc[rs] = popco_dense(co[rs], pv, self.s.cooc_blend)
+        pc = standardised(pc)
+        mu = s.mean(dim=1, keepdim=True)
+        sd = s.std(dim=1, correction=0, keepdim=True)
+        z = (s - mu) / torch.where(sd > 0, sd, torch.ones_like(sd))
+        return z + self.s.hybrid_weight * torch.from_numpy(pc).to(z.dtype).to(z.device)
+
+    def _row_cols(self, row: Any, p: str) -> tuple[np.ndarray, np.ndarray]:
+        """A row's items as platform ``p``'s catalog columns (items not in it dropped)."""
+        t = self.tables.table
+        if row.cols_n != len(t):
+            get, local = t.gid.get, t.local
+            cols, keep = [], []
+            for j, item in enumerate(row.items):
+                g = get((p, item))
+                if g is not None:
+                    cols.append(local[g])
+                    keep.append(j)
+            row.cols = np.asarray(cols, dtype=np.int64)
+            row.cvals = row.vals[keep]
+            row.cols_n = len(t)
+        return row.cols, row.cvals
 
     @staticmethod
     def _ranks(s: torch.Tensor, targets: list[int], idx: list[int], out: list[Any]) -> None:

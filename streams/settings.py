@@ -82,6 +82,10 @@ class Settings(BaseSettings):
     rec_k: int = Field(20, ge=1, le=1000)
     pop_candidates: int = Field(200, ge=10)
     cooc_blend: float = Field(0.7, ge=0, le=1, description="weight of co-occurrence vs popularity")
+    hybrid_weight: float = Field(
+        0.2, ge=0, description="with the model: served score = the model's + this × popco's "
+        "(popularity ⊕ co-occurrence), both standardised over the platform's catalog; "
+        "0 = the model alone (README, Quality)")
     recs_ttl_s: int = Field(7 * 86400, ge=60)
     eid_keep: int = Field(500, ge=10, description="event ids remembered per user for dedup")
 

@@ -57,21 +57,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from models.popco import SCORER_VERSION, popco_scores
 from streams.records import Interaction, RecItem, Recommendations
 from streams.settings import Settings
 
-__all__ = ["RedisState", "ApplyResult", "Touched", "redis_from_url"]
+__all__ = ["RedisState", "ApplyResult", "Touched", "AggRow", "redis_from_url"]
 
 log = logging.getLogger("xrec.state")
 
 _REBASE_EXPONENT = 200.0  # rebase the popularity anchor before 2^e gets large
 _CACHE_TTL_S = 1.0  # popularity / co-occurrence lists may be this stale when ranking
 _CO_CACHE_MAX = 50_000
+#: popularity entries the model ⊕ popco hybrid reads per platform (the rest count as 0)
+POP_ROW_MAX = 5000
 _Pop = tuple[list[tuple[str, float]], dict[str, float]]
 _LUA_DIR = Path(__file__).parent / "lua"
 _LUA_APPLY = (_LUA_DIR / "apply.lua").read_text()
@@ -88,6 +92,26 @@ def redis_from_url(url: str, timeout_s: float | None = None, decode: bool = True
     script is idempotent."""
     return aioredis.Redis.from_url(url, decode_responses=decode, health_check_interval=10,
                                    socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+
+
+class AggRow:
+    """A popularity or co-occurrence list as read from Redis (best first) for the model ⊕
+    popco hybrid, with when it was read: ``t`` (monotonic) and ``before``, the number of
+    the first apply it does not reflect. A ranking that must not see a batch's own events
+    (prequential evaluation) uses only rows with ``before`` ≤ that batch's number."""
+
+    __slots__ = ("items", "vals", "t", "before", "cols", "cvals", "cols_n")
+
+    def __init__(self, lst: Sequence[tuple[str, float]], before: int) -> None:
+        self.items = [str(i) for i, _ in lst]
+        self.vals = np.fromiter((v for _, v in lst), np.float64, len(lst))
+        self.t = time.monotonic()
+        self.before = before
+        #: the serving side's catalog columns of ``items`` (and their values), computed
+        #: for a table of ``cols_n`` rows
+        self.cols: np.ndarray | None = None
+        self.cvals: np.ndarray | None = None
+        self.cols_n = -1
 
 
 @dataclass
@@ -173,6 +197,10 @@ class RedisState:
         self.on_error: Any = None  # called on every retried Redis error (metrics)
         self._pop_cache: dict[str, tuple[float, _Pop]] = {}
         self._co_cache: dict[tuple[str, str], tuple[float, list[tuple[str, float]]]] = {}
+        #: the hybrid's rows (:class:`AggRow`): pop:<platform> and co:<platform>:<item>
+        self.seq = 0  # applies started
+        self.agg_pop: dict[str, AggRow] = {}
+        self.agg_co: dict[tuple[str, str], AggRow] = {}
 
     # ------------------------------------------------------------------ keys
     def k(self, *parts: object) -> str:
@@ -213,13 +241,18 @@ class RedisState:
             pass
 
     # ------------------------------------------------------------------ apply
-    async def apply(self, batch: Sequence[tuple[int, Interaction]], history: int = 0
+    async def apply(self, batch: Sequence[tuple[int, Interaction]], history: int = 0,
+                    prefetch: tuple[Iterable[str], Iterable[tuple[str, str]]] | None = None
                     ) -> ApplyResult:
         """Apply a micro-batch of (unified partition, interaction), exactly once in effect.
 
         One Lua script does the watermark checks and every state update, so the watermark
-        and the state it covers change together or not at all.
+        and the state it covers change together or not at all. ``prefetch`` (platforms,
+        (platform, item) pairs): the hybrid's popularity and co-occurrence rows to read,
+        where missing or older than ``_CACHE_TTL_S``, in the same round trip just before
+        the script (so they hold nothing of this batch: ``AggRow.before`` = :attr:`seq`).
         """
+        self.seq += 1
         if not batch:
             return ApplyResult()
         s = self.s
@@ -240,7 +273,12 @@ class RedisState:
                     "hl": s.popularity_half_life_s, "rebase": _REBASE_EXPONENT,
                     "hist": history},
         }, separators=(",", ":"))
-        res = json.loads(await self._retry("apply", lambda: self._apply_script(args=[req])))
+        pops, cos = self.agg_stale(*prefetch) if prefetch is not None else ([], [])
+        if pops or cos:
+            raw = await self._retry("apply", lambda: self._apply_after_reads(req, pops, cos))
+        else:
+            raw = await self._retry("apply", lambda: self._apply_script(args=[req]))
+        res = json.loads(raw)
         out.applied, out.dup_offset, out.dup_event = res["a"], res["o"], res["e"]
         recent = res.get("r") or {}
         for (u, p), t in out.touched.items():
@@ -249,6 +287,66 @@ class RedisState:
         if history:
             _histories(out, batch, res, history)
         return out
+
+    async def _apply_after_reads(self, req: str, pops: list[str], cos: list[tuple[str, str]]
+                                 ) -> str:
+        """The hybrid's rows, then the apply script, in one pipeline (one round trip)."""
+        for _ in range(2):
+            pipe = self.r.pipeline(transaction=False)
+            self._agg_reads(pipe, pops, cos)
+            pipe.evalsha(self._apply_script.sha, 0, req)
+            try:
+                res = await pipe.execute()
+            except NoScriptError:  # a restarted or flushed Redis: load it and go again
+                await self.r.script_load(_LUA_APPLY)
+                continue
+            self._agg_store(pops, cos, res, self.seq)
+            return res[-1]  # type: ignore[no-any-return]
+        raise RuntimeError("the apply script could not be loaded into Redis")
+
+    # ------------------------------------------------------ hybrid's aggregates
+    def agg_stale(self, pops: Iterable[str], cos: Iterable[tuple[str, str]]
+                  ) -> tuple[list[str], list[tuple[str, str]]]:
+        """The platforms and (platform, item) pairs whose row is missing or too old."""
+        now = time.monotonic()
+        ttl = _CACHE_TTL_S
+        gp, gc = self.agg_pop.get, self.agg_co.get
+        stale_p = [p for p in dict.fromkeys(pops)
+                   if (r := gp(p)) is None or now - r.t >= ttl]
+        stale_c = [c for c in dict.fromkeys(cos) if (r := gc(c)) is None or now - r.t >= ttl]
+        return stale_p, stale_c
+
+    def _agg_reads(self, pipe: Any, pops: list[str], cos: list[tuple[str, str]]) -> None:
+        for p in pops:
+            pipe.zrevrange(self.k("pop", p), 0, POP_ROW_MAX - 1, withscores=True)
+        for p, i in cos:
+            pipe.zrevrange(self.k("co", p, i), 0, -1, withscores=True)
+
+    def _agg_store(self, pops: list[str], cos: list[tuple[str, str]], res: Sequence[Any],
+                   before: int) -> None:
+        for p, lst in zip(pops, res, strict=False):
+            self.agg_pop[p] = AggRow(lst, before)
+        for c, lst in zip(cos, res[len(pops):], strict=False):
+            self.agg_co[c] = AggRow(lst, before)
+        if len(self.agg_co) > _CO_CACHE_MAX:  # keep the fresh half
+            cutoff = time.monotonic() - _CACHE_TTL_S
+            self.agg_co = {k: v for k, v in self.agg_co.items() if v.t >= cutoff}
+            if len(self.agg_co) > _CO_CACHE_MAX // 2:
+                self.agg_co = {}
+
+    async def fetch_agg(self, pops: Iterable[str], cos: Iterable[tuple[str, str]]) -> None:
+        """Read the rows that are missing or too old now (after this batch's apply: their
+        ``before`` is the next batch's number)."""
+        stale_p, stale_c = self.agg_stale(pops, cos)
+        if not stale_p and not stale_c:
+            return
+
+        async def _do() -> list[Any]:
+            pipe = self.r.pipeline(transaction=False)
+            self._agg_reads(pipe, stale_p, stale_c)
+            return await pipe.execute()
+
+        self._agg_store(stale_p, stale_c, await self._retry("aggregates", _do), self.seq + 1)
 
     async def history(self, users: Iterable[str], n: int) -> dict[str, list[HistEntry]]:
         users = list(users)

@@ -224,12 +224,12 @@ def test_sasrec_learns_what_follows_what_and_keeps_to_its_own_random_numbers():
     assert hits() >= 7
 
 
-def _ranks(methods: tuple[str, ...], lams: tuple[float, ...]) -> dict[str, list]:
+def _ranks(methods: tuple[str, ...], weight: float) -> dict[str, list]:
     """Every method's rank of every query over a small two-platform stream."""
     cat = {p: ([f"{p}{k}" for k in range(8)],
                np.random.default_rng(3).normal(size=(8, 384)).astype(np.float32))
            for p in ("video", "music")}
-    pq = Prequential(cat, EvalConfig(batch=4, methods=methods, hybrid_lams=lams))
+    pq = Prequential(cat, EvalConfig(batch=4, methods=methods, hybrid_weight=weight))
     got: dict[str, list] = {}
     pq.observers.append(lambda _b, _q, ranks: [got.setdefault(m, []).extend(r)
                                                for m, r in ranks.items()])
@@ -240,12 +240,14 @@ def _ranks(methods: tuple[str, ...], lams: tuple[float, ...]) -> dict[str, list]
     return got
 
 
-def test_xrec_hybrid_is_xrec_plus_weighted_popco_on_the_same_information():
-    both = _ranks(("xrec", "popco", "xrec_hybrid"), (0.0,))
+def test_xrec_is_the_model_plus_weighted_popco_on_the_same_information():
+    both = _ranks(("xrec", "xrec_model", "popco"), 0.0)
     assert any(r is not None for r in both["xrec"])
-    assert both["xrec_hybrid"] == both["xrec"]  # weight 0: xrec's order exactly
-    alone = _ranks(("xrec_hybrid",), (0.0,))  # without xrec in the run it trains its own
-    assert alone["xrec_hybrid"] == both["xrec"]
-    heavy = _ranks(("xrec", "popco", "xrec_hybrid"), (1e6,))
-    differs = [a != b for a, b in zip(heavy["xrec_hybrid"], heavy["xrec"], strict=True)]
+    assert both["xrec"] == both["xrec_model"]  # weight 0: the model's order exactly
+    mixed = _ranks(("xrec", "xrec_model", "popco"), 0.2)
+    alone = _ranks(("xrec",), 0.2)  # its parts not in the run: it trains them, once a batch
+    assert alone["xrec"] == mixed["xrec"]
+    assert mixed["xrec_model"] == both["xrec_model"]
+    heavy = _ranks(("xrec", "xrec_model", "popco"), 1e6)
+    differs = [a != b for a, b in zip(heavy["xrec"], heavy["xrec_model"], strict=True)]
     assert any(differs)  # popco's weight moves the ranking

@@ -27,12 +27,12 @@ def test_eval_on_user_files_prints_the_json_contract_last(tmp_path):
                          "ratio_ci95"}
     assert last["dataset"] == "files" and last["events"] == 1500
     assert set(last["methods"]) == {"xrec", "popularity", "itemknn", "popco", "sasrec",
-                                    "text_zero_shot", "xrec_frozen", "xrec_hybrid"}
+                                    "text_zero_shot", "xrec_frozen", "xrec_model"}
     best = last["best_baseline"]
     assert best in {"popularity", "itemknn", "popco", "sasrec", "text_zero_shot"}
     assert last["methods"][best]["ndcg@10"] == max(
         last["methods"][m]["ndcg@10"] for m in last["methods"]
-        if m not in ("xrec", "xrec_frozen", "xrec_hybrid"))
+        if m not in ("xrec", "xrec_frozen", "xrec_model"))
     assert abs(last["ratio_ndcg@10"]
                - last["methods"]["xrec"]["ndcg@10"] / last["methods"][best]["ndcg@10"]) < 2e-3
     lo, hi = last["ratio_ci95"]

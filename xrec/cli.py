@@ -591,12 +591,12 @@ def similar(item: str | None, platform: str | None, text: str | None, to: str | 
 @click.option("--warmup", default=0.2, show_default=True,
               help="share of events (the warm-up) on which baselines choose their settings "
               "and after which xrec_frozen stops learning")
-@click.option("--methods", default=",".join(("xrec", "popularity", "itemknn", "popco",
-                                             "sasrec", "text_zero_shot", "xrec_frozen",
-                                             "xrec_hybrid")),
-              show_default=True, help="comma list of methods to run (xrec_hybrid: xrec's "
-              "scores plus a weight, chosen on the warm-up, times popco's; not what the "
-              "worker serves)")
+@click.option("--methods", default=",".join(("xrec", "xrec_model", "popularity", "itemknn",
+                                             "popco", "sasrec", "text_zero_shot",
+                                             "xrec_frozen")),
+              show_default=True, help="comma list of methods to run (xrec: what the worker "
+              "serves, the model's scores plus XREC_HYBRID_WEIGHT times popco's; "
+              "xrec_model: the model's alone)")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True, help="where the model trains")
 @click.option("--json", "as_json", is_flag=True,
@@ -614,15 +614,16 @@ def eval_cmd(dataset: str | None, events: tuple[str, ...], catalogs: tuple[str, 
     method learns from it. Every method ranks from the same input: the user's history on
     every platform as of the event (earlier events of the same micro-batch included),
     the same exclusions and candidates. Same normalizer, encoder, model and trainer as the
-    worker; no broker, full speed. Methods: xrec (online), xrec_frozen (trained during the
-    warm-up only), popularity (decayed; half-life chosen on the warm-up), itemknn (cosine
-    item-kNN, popularity fallback; window chosen on the warm-up), popco (what the worker
+    worker; no broker, full speed. Methods: xrec (what the worker serves: the model,
+    trained online, its scores plus XREC_HYBRID_WEIGHT times popco's, both standardised
+    per query), xrec_model (the model's scores alone), xrec_frozen (xrec with the model
+    trained during the warm-up only), popularity (decayed; half-life chosen on the
+    warm-up), itemknn (cosine item-kNN, popularity fallback; window chosen on the
+    warm-up), popco (what the worker
     serves without the model, with its XREC_POPULARITY_HALF_LIFE_S and XREC_COOC_*
     settings), sasrec (self-attentive sequential model over item ids, 2 blocks, dim 64,
     trained online with xrec's optimizer steps per micro-batch; learning rate chosen on
-    the warm-up), text_zero_shot (the language model alone, never trained), xrec_hybrid
-    (xrec's scores plus popco's, both standardised per query, popco's weight chosen on
-    the warm-up; a measured direction the worker does not serve yet). The table
+    the warm-up), text_zero_shot (the language model alone, never trained). The table
     reports each baseline's chosen settings and xrec's NDCG@10 ratio to the best
     baseline with a 95% paired bootstrap interval over users.
 
@@ -658,7 +659,8 @@ def eval_cmd(dataset: str | None, events: tuple[str, ...], catalogs: tuple[str, 
         s = s.model_copy(update={"pseudonym_secret": SecretStr(secrets.token_hex(16))})
     cfg = EvalConfig(batch=batch, warmup=warmup, methods=wanted, device=device,
                      popco_half_life_s=s.popularity_half_life_s, popco_window=s.cooc_window,
-                     popco_keep=s.cooc_keep, popco_blend=s.cooc_blend)
+                     popco_keep=s.cooc_keep, popco_blend=s.cooc_blend,
+                     hybrid_weight=s.hybrid_weight)
     cfg.train.seed = cfg.model.seed = seed
     out = sys.stderr if as_json else sys.stdout
 

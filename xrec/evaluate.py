@@ -298,7 +298,7 @@ def _encode(settings: Settings, texts: dict[str, dict[str, str]], say: Callable[
     return out
 
 
-#: what xrec is compared with (xrec_frozen is an ablation of xrec, not a baseline)
+#: what xrec is compared with (xrec_model, xrec_frozen: ablations of xrec, not baselines)
 BASELINES = ("popularity", "itemknn", "popco", "sasrec", "text_zero_shot")
 
 
@@ -314,11 +314,12 @@ def comparison(pq: Prequential, res: dict[str, Any]) -> dict[str, Any]:
     ci = pq.ratio_ci("xrec", best) if x is not None else None
     out = {"best_baseline": best, "ratio_ndcg@10": ratio,
            "ratio_ci95": None if ci is None else [round(ci[0], 4), round(ci[1], 4)]}
-    hy = res.get("xrec_hybrid", {}).get("all", {}).get("ndcg@10")
-    if hy is not None and scored[best]:  # in the full report (--report), not the summary
-        hci = pq.ratio_ci("xrec_hybrid", best)
-        out["xrec_hybrid"] = {"ratio_ndcg@10": round(hy / scored[best], 4), "ratio_ci95":
-                              None if hci is None else [round(hci[0], 4), round(hci[1], 4)]}
+    for other in ("xrec_model", "xrec_frozen"):  # in the full report (--report), the table
+        v = res.get(other, {}).get("all", {}).get("ndcg@10")
+        if v is not None and scored[best]:
+            oci = pq.ratio_ci(other, best)
+            out[other] = {"ratio_ndcg@10": round(v / scored[best], 4), "ratio_ci95":
+                          None if oci is None else [round(oci[0], 4), round(oci[1], 4)]}
     return out
 
 
@@ -380,10 +381,10 @@ def table(report: dict[str, Any]) -> str:
         lines.append(f"xrec / best baseline ({cmp['best_baseline']}) NDCG@10: "
                      f"{cmp['ratio_ndcg@10']:.3f}" + (f"  (95% paired bootstrap over users: "
                                                        f"{ci[0]:.3f}–{ci[1]:.3f})" if ci else ""))
-    hy = cmp.get("xrec_hybrid")
-    if hy:
-        ci = hy.get("ratio_ci95")
-        lines.append(f"xrec_hybrid / {cmp['best_baseline']} NDCG@10: {hy['ratio_ndcg@10']:.3f}"
-                     + (f"  ({ci[0]:.3f}–{ci[1]:.3f}); the worker serves xrec, not the hybrid"
-                        if ci else ""))
+    for other in ("xrec_model", "xrec_frozen"):
+        o = cmp.get(other)
+        if o:
+            ci = o.get("ratio_ci95")
+            lines.append(f"{other} / {cmp['best_baseline']} NDCG@10: {o['ratio_ndcg@10']:.3f}"
+                         + (f"  ({ci[0]:.3f}–{ci[1]:.3f})" if ci else ""))
     return "\n".join(lines)

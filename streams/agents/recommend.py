@@ -40,7 +40,7 @@ from pydantic import ValidationError
 from streams.agents.batching import consume_batches
 from streams.agents.context import Context
 from streams.agents.drift import DriftWatch
-from streams.heads import Ask, ModelServer, examples_json
+from streams.heads import Ask, ModelServer, examples_json, recent_positives
 from streams.metrics import StageClock
 from streams.records import DeadLetter, Interaction
 from streams.state import ApplyResult, RecsOut, Touched
@@ -86,6 +86,33 @@ class Recommender:
         self.drift = drift
         self.cross = CrossRefresh(self.s.cross_refresh_s)
         self.recs_topic = {p: ctx.topics.recs(p) for p in ctx.platforms}
+        #: (user, platform) → its recent positive items after the last batch that ranked
+        #: it (what the hybrid's co-occurrence rows are read for, ahead of the next apply)
+        self._recent: dict[Pair, list[str]] = {}
+        self._recent_keep = 500_000
+
+    def _prefetch(self, batch: Sequence[tuple[int, Interaction]]
+                  ) -> tuple[list[str], list[tuple[str, str]]]:
+        """The rows this batch's rankings will read: each touched platform's popularity,
+        and the co-occurrence rows of the touched pairs' recent positives (as remembered)
+        and of the batch's positive items."""
+        plats: dict[str, None] = {}
+        cos: dict[tuple[str, str], None] = {}
+        get = self._recent.get
+        for _, ev in batch:
+            plats[ev.platform] = None
+            for i in get((ev.user, ev.platform), ()):
+                cos[(ev.platform, i)] = None
+            if ev.label == 1:
+                cos[(ev.platform, ev.item)] = None
+        return list(plats), list(cos)
+
+    def _remember(self, pair: Pair, items: list[str]) -> None:
+        r = self._recent
+        r.pop(pair, None)  # re-insert: oldest first
+        r[pair] = items
+        if len(r) > self._recent_keep:
+            del r[next(iter(r))]
 
     @property
     def server(self) -> ModelServer | None:
@@ -113,9 +140,12 @@ class Recommender:
             m.input_lag_ms.observe(lag)
         clock.lap("decode")
 
-        result = await ctx.state.apply(batch, history=s.hist_len if ctx.use_model else 0)
-        clock.lap("apply")
         server = self.server
+        prefetch = (self._prefetch(batch) if server is not None and server.ready
+                    and s.hybrid_weight > 0 else None)
+        result = await ctx.state.apply(batch, history=s.hist_len if ctx.use_model else 0,
+                                       prefetch=prefetch)
+        clock.lap("apply")
         if server is not None and server.ready:
             ranks, recs, n_cross = await self._rank_model(server, result, clock)
         else:
@@ -168,6 +198,9 @@ class Recommender:
         applied, touched = result.applied_events, result.touched
         evals, meta = server.prequential_asks(
             applied, {k: t.seen_before for k, t in touched.items()})
+        hybrid = s.hybrid_weight > 0
+        if hybrid:  # rows read before this batch's apply only: nothing of its own events
+            self._attach(evals, ctx.state.seq)
         clock.lap("evaluate")
 
         # items each pair consumed in this batch (the script added them to its seen set)
@@ -192,6 +225,14 @@ class Recommender:
         asks = [Ask(result.history.get(u, []), p, newest[u].event_time,
                     exclude=touched[(u, p)].seen_before if (u, p) in touched else seen[(u, p)],
                     extra=consumed.get((u, p), ())) for u, p in pairs]
+        if hybrid:
+            recent = [recent_positives(a.history, a.platform, s.cooc_window) for a in asks]
+            await ctx.state.fetch_agg({p for _, p in pairs},
+                                      [(a.platform, i) for a, r in zip(asks, recent,
+                                                                       strict=True) for i in r])
+            self._attach(asks, None, recent)
+            for pair, r in zip(pairs, recent, strict=True):
+                self._remember(pair, r)
         clock.lap("rank")
 
         answers = server.answer(evals + asks, s.rec_k, clock)
@@ -218,6 +259,23 @@ class Recommender:
             out += await ctx.state.recommend(fallback)
         clock.lap("rank")
         return ranks, out, n_cross
+
+
+    def _attach(self, asks: Sequence[Ask], before: int | None,
+                recent: Sequence[list[str]] | None = None) -> None:
+        """Give each ask the hybrid's rows: its platform's popularity and the
+        co-occurrence rows of its recent positives, only rows read before apply number
+        ``before`` when given (a missing row counts as empty)."""
+        st, win = self.ctx.state, self.s.cooc_window
+        lim = math.inf if before is None else before
+        pops, cos = st.agg_pop, st.agg_co
+        for n, a in enumerate(asks):
+            items = recent[n] if recent is not None else recent_positives(
+                a.history, a.platform, win)
+            pop = pops.get(a.platform)
+            a.pop = pop if pop is not None and pop.before <= lim else None
+            a.co = [r for i in items if (r := cos.get((a.platform, i))) is not None
+                    and r.before <= lim]
 
 
 def install(ctx: Context) -> Recommender:
