@@ -197,3 +197,70 @@ def test_recs_json_is_what_consumers_validate(stack, ns, n):
     cached = redis_sync.Redis.from_url(stack.redis_url).get(
         f"{ctx.settings.redis_prefix}recs:video:u1")
     assert Recommendations.model_validate_json(cached) == rec
+
+
+def _warm_batch(ctx):
+    """Ten users watch video-1; six also video-2, three video-3, one video-4."""
+    out, off = [], 0
+    for j in range(10):
+        for item in ["video-1"] + [f"video-{n}" for n, k in ((2, 6), (3, 3), (4, 1)) if j < k]:
+            out.append(msg(ctx, off, f"a{j}", "video", item))
+            off += 1
+    return out, off
+
+
+def test_the_served_ranking_is_the_model_plus_weighted_popco(stack, ns):
+    async def go(weight):
+        core, ctx, sink = await make_core(stack, f"{ns}w{int(weight)}", rec_k=3,
+                                          hybrid_weight=weight)
+        warm, off = _warm_batch(ctx)
+        await core.handle(warm)
+        await asyncio.sleep(1.05)  # the rows read during it are now due for a re-read
+        sink.sent.clear()
+        await core.handle([msg(ctx, off, "u", "video", "video-1")])
+        (rec,) = recs_of(ctx, sink)
+        return [i.item for i in rec.items], ctx
+
+    # a weight that dwarfs the model's standardised scores: popco's order, which is
+    # co-occurrence with video-1 (6 > 3 > 1 users) blended with popularity
+    items, ctx = asyncio.run(go(1e6))
+    assert items == ["video-2", "video-3", "video-4"]
+    assert ctx.state.agg_co and ctx.state.agg_pop
+    # weight 0: the model alone, and no rows are read for it
+    items0, ctx0 = asyncio.run(go(0.0))
+    assert not ctx0.state.agg_co and not ctx0.state.agg_pop
+    assert len(items0) == 3 and "video-1" not in items0
+
+
+def test_prequential_asks_never_see_their_own_batch_in_popco_rows(stack, ns):
+    async def go():
+        core, ctx, sink = await make_core(stack, ns, hybrid_weight=0.5)
+        warm, off = _warm_batch(ctx)
+        await core.handle(warm)
+        await asyncio.sleep(1.05)
+        seen: list[tuple[int, list]] = []
+        answer = ctx.server.answer
+
+        def spy(asks, k, clock=None):
+            seen.append((ctx.state.seq, list(asks)))
+            return answer(asks, k, clock)
+
+        ctx.server.answer = spy
+        # u: video-1, then video-5 in the same batch: nobody watched video-5 before, so
+        # a row read before this batch has no video-1 → video-5 co-occurrence
+        await core.handle([msg(ctx, off, "u", "video", "video-1"),
+                           msg(ctx, off + 1, "u", "video", "video-5")])
+        return seen
+
+    ((seq, asks),) = asyncio.run(go())
+    evals = [a for a in asks if a.target is not None]
+    recs = [a for a in asks if a.target is None]
+    ev5 = next(a for a in evals if a.target == "video-5")
+    assert ev5.co and ev5.pop is not None
+    for a in evals:
+        assert all(r.before <= seq for r in [*a.co, a.pop] if r is not None)
+    (row1,) = ev5.co  # video-1's row, as of before this batch
+    assert "video-2" in row1.items and "video-5" not in row1.items
+    assert "video-5" not in ev5.pop.items
+    (rec,) = recs  # video-5's row and video-1's, newest first
+    assert len(rec.co) == 2 and rec.pop is not None
