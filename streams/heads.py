@@ -362,13 +362,26 @@ class ModelServer:
         co-occurrence rows keep the model's order (their popco row is constant)."""
         if not any(a.pop is not None or a.co for a in asks):
             return s
-        co = np.zeros((len(asks), n))
+        # Σ_k row_k / k per ask as one bincount over (ask, column) (no per-row numpy ops)
+        at, cols, vals, scale, lens = [], [], [], [], []
         groups: dict[int, tuple[Any, list[int]]] = {}  # popularity row → its asks
+        row_cols = self._row_cols
         for r, a in enumerate(asks):
             for k, row in enumerate(a.co, start=1):
-                c, v = self._row_cols(row, p)
-                co[r, c] += v / k  # a row's columns are distinct
+                c, v = row_cols(row, p)
+                cols.append(c)
+                vals.append(v)
+                scale.append(1.0 / k)
+                lens.append(len(c))
+                at.append(r)
             groups.setdefault(id(a.pop), (a.pop, []))[1].append(r)
+        if cols:
+            ln = np.asarray(lens)
+            flat = np.repeat(np.asarray(at, dtype=np.int64) * n, ln) + np.concatenate(cols)
+            w = np.concatenate(vals) * np.repeat(np.asarray(scale), ln)
+            co = np.bincount(flat, weights=w, minlength=len(asks) * n).reshape(len(asks), n)
+        else:
+            co = np.zeros((len(asks), n))
         pc = np.empty_like(co)
         for row, rs in groups.values():  # one per platform and stage, at most two
             pv = np.zeros(n)
