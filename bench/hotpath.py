@@ -73,7 +73,8 @@ async def run(args: argparse.Namespace) -> dict:
     rs = start_redis(wd)
     try:
         s = Settings(env="dev", kafka_bootstrap_servers="unused:9092", redis_url=rs.url,
-                     redis_prefix="hp:", cross_refresh_s=args.cross_refresh_s)
+                     redis_prefix="hp:", cross_refresh_s=args.cross_refresh_s,
+                     hybrid_weight=args.hybrid_weight, cooc_read=args.cooc_read)
         platforms = load_platforms(s.platforms_path)
         topics = Topics(s)
         man = simulate(SimConfig(events=args.events, seed=args.seed), wd / "sim")
@@ -157,6 +158,10 @@ def main() -> None:
                     default=[1, 4, 16, 64, 256])
     ap.add_argument("--per-size", type=int, default=3000, help="events measured per size")
     ap.add_argument("--cross-refresh-s", type=float, default=10.0)
+    ap.add_argument("--hybrid-weight", type=float, default=Settings.model_fields[
+        "hybrid_weight"].default, help="XREC_HYBRID_WEIGHT (0: the model alone)")
+    ap.add_argument("--cooc-read", type=int, default=Settings.model_fields["cooc_read"].default,
+                    help="XREC_COOC_READ: co-occurrence neighbours read per recent item")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()

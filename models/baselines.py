@@ -219,21 +219,24 @@ class PopCo(Method):
     co(r_k, i) and co(i, r_k) for the user's k-th most recent distinct earlier positive r_k
     on that platform (k ≤ ``window``); each item keeps its ``keep`` strongest neighbours.
     As ``models/popco.py``: score(i) = blend·co(i)/max co + (1-blend)·pop(i)/max pop with
-    co(i) = Σ_k co(r_k, i)/k; popularity alone for a user with no co-occurring items.
+    co(i) = Σ_k co(r_k, i)/k over the ``read`` strongest neighbours of each r_k (what the
+    worker reads, ``XREC_COOC_READ``; at a tie on the cut the kept one may differ from
+    Redis's); popularity alone for a user with no co-occurring items.
     """
 
     name = "popco"
 
     def __init__(self, table: ItemTable, half_life_s: float, window: int, keep: int,
-                 blend: float, max_items: int = 12000) -> None:
+                 blend: float, max_items: int = 12000, read: int | None = None) -> None:
         self.t, self.win, self.keep, self.blend, self.max = table, window, keep, blend, max_items
+        self.read = keep if read is None else min(read, keep)
         self.pop = Popularity(table, half_life_s)
         self.co: dict[str, np.ndarray] = {}
         self.learnt = 0  # batches learnt from
 
     def params(self) -> dict[str, object]:
         return {**self.pop.params(), "window": self.win, "keep": self.keep,
-                "blend": self.blend}
+                "read": self.read, "blend": self.blend}
 
     def _mat(self, p: str) -> np.ndarray:
         n = len(self.t.rows(p))
@@ -255,9 +258,15 @@ class PopCo(Method):
         m = self._mat(p)
         n = len(self.t.rows(p))
         co = np.zeros((len(qs), n))
+        cut = n - self.read  # columns below the row's ``read`` strongest
         for r, q in enumerate(qs):
             for k, h in enumerate(self._recent(q, p), start=1):
-                co[r] += m[h, :n] / k
+                row = m[h, :n]
+                if cut > 0:
+                    top = np.argpartition(row, cut)[cut:]
+                    co[r, top] += row[top] / k
+                else:
+                    co[r] += row / k
         return popco_dense(co, self.pop.vec(p), self.blend)
 
     def learn(self, qs: list[Query], batch: Sequence[object]) -> None:

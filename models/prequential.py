@@ -89,6 +89,7 @@ class EvalConfig:
     popco_half_life_s: float = 3 * DAY
     popco_window: int = 5
     popco_keep: int = 200
+    popco_read: int = 50
     popco_blend: float = 0.7
     max_items: int = 12000  # dense co-count matrices of itemknn and popco; sasrec's id rows
     #: xrec = the model's scores + hybrid_weight × popco's, both standardised per query: the
@@ -185,7 +186,7 @@ class Prequential:
         #: the online model (xrec_model); xrec is it ⊕ hybrid_weight × popco, as served
         self.online = online = Model("xrec_model", model, t, OnlineTrainer(model, t, cfg.train))
         popco = PopCo(t, cfg.popco_half_life_s, cfg.popco_window, cfg.popco_keep,
-                      cfg.popco_blend, cfg.max_items)
+                      cfg.popco_blend, cfg.max_items, read=cfg.popco_read)
         warm = int(cfg.warmup * total) if total else 10000
         if "xrec" in ms:
             self.methods.append(Hybrid("xrec", online, popco, cfg.hybrid_weight))

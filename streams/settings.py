@@ -78,6 +78,8 @@ class Settings(BaseSettings):
     seen_len: int = Field(500, ge=1, description="consumed items kept per user+platform")
     cooc_window: int = Field(5, ge=1, description="recent items an event co-occurs with")
     cooc_keep: int = Field(200, ge=10, description="neighbours kept per item")
+    cooc_read: int = Field(50, ge=1, description="neighbours read per recent item when "
+                           "ranking (the strongest; ≤ XREC_COOC_KEEP)")
     popularity_half_life_s: float = Field(3 * 86400.0, gt=0)
     rec_k: int = Field(20, ge=1, le=1000)
     pop_candidates: int = Field(200, ge=10)

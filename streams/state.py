@@ -320,7 +320,7 @@ class RedisState:
         for p in pops:
             pipe.zrevrange(self.k("pop", p), 0, POP_ROW_MAX - 1, withscores=True)
         for p, i in cos:
-            pipe.zrevrange(self.k("co", p, i), 0, -1, withscores=True)
+            pipe.zrevrange(self.k("co", p, i), 0, self.s.cooc_read - 1, withscores=True)
 
     def _agg_store(self, pops: list[str], cos: list[tuple[str, str]], res: Sequence[Any],
                    before: int) -> None:
@@ -404,7 +404,7 @@ class RedisState:
         if missing:
             rd = self.r.pipeline(transaction=False)
             for p, i in missing:
-                rd.zrevrange(self.k("co", p, i), 0, 49, withscores=True)
+                rd.zrevrange(self.k("co", p, i), 0, self.s.cooc_read - 1, withscores=True)
             for key, lst in zip(missing, await rd.execute(), strict=True):
                 out[key] = [(str(i), float(sc)) for i, sc in lst]
                 self._co_cache[key] = (now, out[key])

@@ -251,3 +251,22 @@ def test_xrec_is_the_model_plus_weighted_popco_on_the_same_information():
     heavy = _ranks(("xrec", "xrec_model", "popco"), 1e6)
     differs = [a != b for a, b in zip(heavy["xrec"], heavy["xrec_model"], strict=True)]
     assert any(differs)  # popco's weight moves the ranking
+
+
+def test_popco_reads_only_the_strongest_neighbours_as_the_worker_does():
+    """``read`` (XREC_COOC_READ): each recent item contributes its ``read`` strongest
+    co-occurrence entries only, as the worker's ZREVRANGE 0..read-1."""
+    t = table()
+    teach = [q(t, "video", "video1"), q(t, "video", "video2", ["video1"], weight=3.0),
+             q(t, "video", "video3", ["video1"], weight=2.0),
+             q(t, "video", "video4", ["video1"], weight=1.0)]
+    full = PopCo(t, half_life_s=math.inf, window=1, keep=200, blend=1.0)
+    cut = PopCo(t, half_life_s=math.inf, window=1, keep=200, blend=1.0, read=2)
+    full.learn(teach, [])
+    cut.learn(teach, [])
+    v = {i: t.local[t.ensure("video", f"video{i}")] for i in range(6)}
+    ask = [q(t, "video", "video0", ["video1"])]
+    a, b = full.scores(ask, "video")[0], cut.scores(ask, "video")[0]
+    assert a[v[4]] > 0 and b[v[4]] == 0  # the third-strongest neighbour is not read
+    assert b[v[2]] == a[v[2]] and b[v[3]] == a[v[3]]
+    assert cut.params()["read"] == 2

@@ -659,7 +659,8 @@ def eval_cmd(dataset: str | None, events: tuple[str, ...], catalogs: tuple[str, 
         s = s.model_copy(update={"pseudonym_secret": SecretStr(secrets.token_hex(16))})
     cfg = EvalConfig(batch=batch, warmup=warmup, methods=wanted, device=device,
                      popco_half_life_s=s.popularity_half_life_s, popco_window=s.cooc_window,
-                     popco_keep=s.cooc_keep, popco_blend=s.cooc_blend,
+                     popco_keep=s.cooc_keep, popco_read=s.cooc_read,
+                     popco_blend=s.cooc_blend,
                      hybrid_weight=s.hybrid_weight)
     cfg.train.seed = cfg.model.seed = seed
     out = sys.stderr if as_json else sys.stdout
