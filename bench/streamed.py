@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import numpy as np  # noqa: E402
-from throughput import bare_rate  # noqa: E402
+from throughput import bare_rate, cpu_ticks  # noqa: E402
 
 from consumers.cache import RecsCache  # noqa: E402
 from producers.replay import Replayer, Source  # noqa: E402
@@ -74,16 +74,6 @@ def scrape(port: int) -> dict[str, float]:
             name, _, value = line.rpartition(" ")
             out[name] = float(value)
     return out
-
-
-def cpu_ticks(pid: int) -> int:
-    """User + system CPU of a process in clock ticks (Linux /proc; 0 elsewhere)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            x = f.read().rsplit(")", 1)[1].split()
-        return int(x[11]) + int(x[12])
-    except OSError:
-        return 0
 
 
 def stage_figures(m: dict[str, float]) -> dict[str, object]:

@@ -53,6 +53,16 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def cpu_ticks(pid: int) -> int:
+    """User + system CPU of a process in clock ticks (Linux /proc; 0 elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            x = f.read().rsplit(")", 1)[1].split()
+        return int(x[11]) + int(x[12])
+    except OSError:
+        return 0
+
+
 def bare_rate(bootstrap: str, files: list[Path], n: int, wd: Path) -> float:
     from kafka import KafkaConsumer, TopicPartition
 
@@ -170,13 +180,16 @@ def main() -> None:
         rep.close()
         st.worker()
         cache = RecsCache(st.redis.url)
+        procs = {svc.name: svc.pid for svc in st.started}
         first = last = None
+        c0: dict[str, int] = {}
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             n = cache.stats().get("events_applied", 0)
             now = time.monotonic()
             if n > 0 and first is None:
                 first = (now, n)
+                c0 = {k: cpu_ticks(v) for k, v in procs.items()}
             if n >= man["valid_events"]:
                 last = (now, n)
                 break
@@ -184,9 +197,13 @@ def main() -> None:
         if first is None or last is None:
             raise SystemExit("the xrec worker did not apply every event in time")
         xrec = (last[1] - first[1]) / max(last[0] - first[0], 1e-9)
+        hz = os.sysconf("SC_CLK_TCK")
+        cpu_us = {k: round(1e6 * (cpu_ticks(v) - c0[k]) / hz / max(1, last[1] - first[1]), 1)
+                  for k, v in procs.items()}
     finally:
         st.stop()
-    log(f"    xrec: {xrec:,.0f} events/s")
+    log(f"    xrec: {xrec:,.0f} events/s; CPU µs per applied event by process: {cpu_us} "
+        f"(total {sum(cpu_us.values()):,.0f})")
 
     log(f"(c) latency at {a.rate:.0f} events/s over {a.latency_events:,} events ...")
     man2 = simulate(SimConfig(events=a.latency_events, seed=2), wd / "sim2")
@@ -218,7 +235,7 @@ def main() -> None:
            "ratio": round(xrec / bare, 3), "latency_ms_p50": round(p50, 1),
            "latency_ms_p99": round(p99, 1), "offered_rate": a.rate, "events": a.events,
            "latency_events": a.latency_events, "linger_ms": a.linger_ms,
-           "cpus": os.cpu_count()}
+           "cpus": os.cpu_count(), "cpu_us_per_event": cpu_us}
     print(f"bare {bare:,.0f} ev/s | xrec {xrec:,.0f} ev/s | ratio {out['ratio']:.2f} | "
           f"p50 {p50:.1f} ms p99 {p99:.1f} ms at {a.rate:.0f} ev/s | linger {a.linger_ms} ms")
     if a.json:

@@ -514,14 +514,24 @@ def cut(hist: Sequence[tuple[str, str, int, float]], now: float,
     return [h for h in hist if h[3] >= horizon[0]]
 
 
+_DUMPS = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+#: history entry → its JSON (bounded: dropped when it grows past ``_FRAG_KEEP`` entries)
+_FRAG: dict[HistEntry, str] = {}
+_FRAG_KEEP = 300_000
+
+
 def examples_json(applied: Sequence[tuple[Any, Sequence[HistEntry]]], now: float,
                   horizon: tuple[float, float] | None = None) -> list[tuple[bytes, bytes]]:
     """(key, value) of a :class:`TrainingExample` per applied positive, serialised
     directly: the same JSON as ``TrainingExample.model_dump_json()`` (tested), without a
-    pydantic object per example, and each history entry encoded once per batch (a user's
-    positives in one batch share most of their history)."""
-    dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-    frag: dict[HistEntry, str] = {}
+    pydantic object per example, and each history entry encoded once while it is
+    remembered (a user's examples share most of their history, batch after batch: an
+    entry is in up to ``XREC_HIST_LEN`` of them)."""
+    global _FRAG
+    frag = _FRAG
+    if len(frag) > _FRAG_KEEP:
+        frag = _FRAG = {}
+    dumps = _DUMPS
     out = []
     for ev, hist in applied:
         if ev.label != 1:

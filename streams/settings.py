@@ -158,6 +158,9 @@ class Settings(BaseSettings):
                                    "Redis becomes a counted, retried error instead of a "
                                    "silent wait")
     gil_switch_interval_ms: float = Field(0.5, gt=0, le=10, description="worker GIL switch")
+    gc_gen0: int = Field(10_000, ge=0, description="garbage collector: youngest generation's "
+                         "threshold, and what start-up loaded is frozen out of later "
+                         "collections (streams/gctune.py); 0 = Python's defaults")
     worker_nice: int = Field(0, ge=0, le=19, description="CPU priority the worker lowers "
                              "itself to (os.nice); `xrec dev` starts its train worker at "
                              "10, so serving gets the cores first and training what is left")

@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from streams.agents.context import Context
+from streams.gctune import freeze_startup
 from streams.watchdog import LoopWatch
 
 __all__ = ["install"]
@@ -22,6 +23,7 @@ def install(ctx: Context) -> None:
     app, s, m, wd = ctx.app, ctx.settings, ctx.metrics, ctx.watchdog
     stalled: dict[str, str] = {}
     worker_info: dict[str, Any] = {"ready": False}
+    frozen: list[int] = []
 
     @app.page("/metrics")
     async def metrics_page(web: Any, request: Any) -> Any:
@@ -104,6 +106,8 @@ def install(ctx: Context) -> None:
 
     @app.on_rebalance_complete.connect
     async def _rebalanced(sender: Any, **_kw: Any) -> None:
+        if not frozen:  # what the first start loaded lazily, too
+            frozen.append(freeze_startup(s.gc_gen0, "worker ready"))
         await announce(ready=True)
 
     @app.timer(5.0)

@@ -1,0 +1,58 @@
+"""Small parts of the hot path that trade memory for CPU: each must give exactly what
+the plain version gives, and stay bounded."""
+
+from __future__ import annotations
+
+import gc
+import json
+import random
+import types
+
+from aiokafka.partitioner import DefaultPartitioner
+
+import streams.heads as heads
+from streams.app import CachedPartitioner
+from streams.gctune import freeze_startup
+from streams.records import TrainingExample
+
+
+def test_cached_partitioner_agrees_with_the_java_compatible_default():
+    rnd = random.Random(3)
+    part = CachedPartitioner(keep=50)
+    keys = [rnd.randbytes(rnd.randint(1, 40)) for _ in range(300)]
+    for parts in ([0], [0, 1, 2, 3], list(range(7))):
+        for k in keys + keys:  # the second round reads the memo (and refills it past keep)
+            assert part(k, parts, parts) == DefaultPartitioner()(k, parts, parts)
+    assert len(part._hash) <= 50
+    assert part(None, [0, 1, 2], [2]) == 2  # no key: one of the available partitions
+
+
+def test_examples_json_remembered_fragments_give_the_same_json(monkeypatch):
+    monkeypatch.setattr(heads, "_FRAG", {})
+    monkeypatch.setattr(heads, "_FRAG_KEEP", 5)
+    hist = [("music", f"m{i}", i % 2, 1000.0 + i) for i in range(8)]
+    ev = types.SimpleNamespace(user="u1", platform="video", item="v1", label=1, weight=0.5,
+                               event_time=2000.0, produced_at=1.5)
+    neg = types.SimpleNamespace(**{**vars(ev), "label": 0})
+    first = heads.examples_json([(ev, hist), (neg, hist)], now=3.0)
+    assert len(first) == 1  # positives only
+    again = heads.examples_json([(ev, hist[2:] + hist[:2])], now=3.0)  # memo was full: reset
+    assert len(heads._FRAG) <= 8
+    for (key, value), h in ((first[0], hist), (again[0], hist[2:] + hist[:2])):
+        assert key == b"u1"
+        ex = TrainingExample.model_validate_json(value)
+        assert [tuple(x) for x in ex.history] == h
+        assert json.loads(value) == json.loads(ex.model_dump_json())
+
+
+def test_freeze_startup_moves_what_is_loaded_out_of_collections():
+    before = gc.get_threshold()
+    try:
+        assert freeze_startup(0, "off") == 0 and gc.get_threshold() == before
+        keep = [[i] for i in range(1000)]  # tracked objects alive now
+        n = freeze_startup(20_000, "test")
+        assert n >= len(keep) and gc.get_freeze_count() >= n
+        assert gc.get_threshold()[0] == 20_000
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
