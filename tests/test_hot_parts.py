@@ -56,3 +56,18 @@ def test_freeze_startup_moves_what_is_loaded_out_of_collections():
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def test_histogram_observe_many_counts_as_observe_does():
+    from streams.metrics import Histogram
+
+    rnd = random.Random(5)
+    vs = [rnd.expovariate(0.01) for _ in range(500)] + [0.0, 5.0, 1e9, float("nan")]
+    one, many = Histogram("one", "x", labels=["a"]), Histogram("many", "x", labels=["a"])
+    for v in vs:
+        one.observe(v, "l")
+    many.observe_many(vs[:100], "l")
+    many.observe_many(vs[100:], "l")
+    many.observe_many([], "l")
+    a, b = one.series[("l",)], many.series[("l",)]
+    assert a[:-1] == b[:-1]  # bucket counts and the count (NaN: in no bucket, counted)
