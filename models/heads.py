@@ -90,6 +90,7 @@ class ItemTable:
         self._text = np.zeros((0, text_dim), dtype=np.float32)
         self._rows_by_plat: dict[int, list[int]] = {}
         self._cache: dict[int, np.ndarray] = {}
+        self._cols: dict[int, dict[str, int]] = {}
         self._means: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
@@ -120,6 +121,7 @@ class ItemTable:
         self.local.append(len(rows))
         rows.append(g)
         self._cache.pop(pi, None)
+        self._cols.pop(pi, None)
         return g
 
     def set_text(self, p: str, items: Sequence[str], vecs: np.ndarray) -> None:
@@ -171,8 +173,19 @@ class ItemTable:
         s.has_text, s.local = self.has_text[:n], self.local[:n]
         s._text = self._text
         s._rows_by_plat = {k: list(v) for k, v in self._rows_by_plat.items()}
-        s._cache, s._means = {}, {}
+        s._cache, s._means, s._cols = {}, {}, {}
         return s
+
+    def columns(self, p: str) -> dict[str, int]:
+        """item id → its column in the platform's catalog (:meth:`rows` order; cached
+        until an item is added)."""
+        pi = self.platform_index(p)
+        hit = self._cols.get(pi)
+        if hit is None:
+            ids = self.ids
+            hit = self._cols[pi] = {ids[g]: c for c, g in enumerate(
+                self._rows_by_plat.get(pi, []))}
+        return hit
 
     def rows(self, p: str) -> np.ndarray:
         """The platform's catalog as global rows (cached until an item is added)."""

@@ -399,15 +399,10 @@ class ModelServer:
         """A row's items as platform ``p``'s catalog columns (items not in it dropped)."""
         t = self.tables.table
         if row.cols_n != len(t):
-            get, local = t.gid.get, t.local
-            cols, keep = [], []
-            for j, item in enumerate(row.items):
-                g = get((p, item))
-                if g is not None:
-                    cols.append(local[g])
-                    keep.append(j)
-            row.cols = np.asarray(cols, dtype=np.int64)
-            row.cvals = row.vals[keep]
+            get = t.columns(p).get
+            cols = np.fromiter((get(i, -1) for i in row.items), np.int64, len(row.items))
+            keep = cols >= 0
+            row.cols, row.cvals = cols[keep], row.vals[keep]
             row.cols_n = len(t)
         return row.cols, row.cvals
 

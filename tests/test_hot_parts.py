@@ -71,3 +71,18 @@ def test_histogram_observe_many_counts_as_observe_does():
     many.observe_many([], "l")
     a, b = one.series[("l",)], many.series[("l",)]
     assert a[:-1] == b[:-1]  # bucket counts and the count (NaN: in no bucket, counted)
+
+
+def test_item_table_columns_follow_rows_and_new_items():
+    import numpy as np
+
+    from models.heads import ItemTable
+
+    t = ItemTable(4, 64)
+    t.set_text("a", ["x", "y"], np.eye(2, 4))
+    t.ensure("b", "x")  # the same id on another platform: its own column there
+    assert t.columns("a") == {"x": 0, "y": 1} and t.columns("b") == {"x": 0}
+    t.ensure("a", "z")  # a new item: the memo is rebuilt
+    cols = t.columns("a")
+    assert cols == {"x": 0, "y": 1, "z": 2}
+    assert [t.ids[g] for g in t.rows("a")] == sorted(cols, key=cols.get)
