@@ -7,12 +7,19 @@ whitelist of nodes is allowed: names (record fields), constants, arithmetic,
 comparisons, ``and``/``or``/``not``, ``x if c else y``, ``is None`` tests and the
 functions ``min``, ``max``, ``abs``, ``round``, ``len``, ``lower``. No attribute
 access, no subscripts, no calls to anything else: a config file cannot run code.
+
+The checked tree is then compiled to Python bytecode (names read from the record, a
+missing one as None; calls renamed to the whitelisted functions; no builtins), which runs
+the same expression ~5× faster than walking the tree (the normalizer evaluates five or
+more per event). The tree walker stays as the reference (:meth:`Expr.reference_eval`,
+tested equal).
 """
 
 from __future__ import annotations
 
 import ast
 import operator
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -40,6 +47,31 @@ _FUNCS: dict[str, Callable[..., Any]] = {
 }
 
 
+_FN = "__xrec_fn_"  # compiled calls name the whitelisted functions by this prefix
+_GLOBALS: dict[str, Any] = {"__builtins__": {}, **{_FN + k: f for k, f in _FUNCS.items()}}
+
+
+class _Record(dict):  # type: ignore[type-arg]
+    """A record as the compiled code's locals: a field it lacks reads as None (as in the
+    tree walker); the function names fall through to the globals."""
+
+    __slots__ = ()
+
+    def __missing__(self, key: str) -> Any:
+        if key.startswith(_FN):
+            raise KeyError(key)
+        return None
+
+
+class _CallRenamer(ast.NodeTransformer):
+    def visit_Call(self, node: ast.Call) -> ast.AST:  # noqa: N802 - ast's visitor names
+        self.generic_visit(node)
+        assert isinstance(node.func, ast.Name)
+        node.func = ast.copy_location(ast.Name(id=_FN + node.func.id, ctx=ast.Load()),
+                                      node.func)
+        return node
+
+
 class Expr:
     """A compiled expression. ``Expr("a + 1").eval({"a": 2}) == 3``."""
 
@@ -51,7 +83,21 @@ class Expr:
             raise ConfigError(f"cannot parse expression {self.source!r}: {exc.msg}") from None
         self.names: set[str] = set()
         self._check(tree.body)
+        bad = sorted(n for n in self.names if n.startswith(_FN))
+        if bad:
+            raise ConfigError(f"expression {self.source!r}: names starting with {_FN!r} are "
+                              "reserved")
         self._tree = tree.body
+        compiled = _CallRenamer().visit(ast.parse(self.source, mode="eval"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SyntaxWarning)  # e.g. `x is 1`: its own business
+            self._code = compile(ast.fix_missing_locations(compiled), f"<expr {self.source}>",
+                                 "eval")
+
+    @staticmethod
+    def record(fields: Mapping[str, Any]) -> Mapping[str, Any]:
+        """A record to evaluate several expressions on (converted once)."""
+        return fields if type(fields) is _Record else _Record(fields)
 
     def _check(self, node: ast.AST) -> None:
         ok = (ast.BoolOp, ast.BinOp, ast.UnaryOp, ast.Compare, ast.IfExp, ast.Name,
@@ -75,6 +121,15 @@ class Expr:
             self._check(child)
 
     def eval(self, record: Mapping[str, Any]) -> Any:
+        r = record if type(record) is _Record else _Record(record)
+        try:
+            v = eval(self._code, _GLOBALS, r)  # noqa: S307 - a checked tree, no builtins
+        except Exception as exc:  # ZeroDivisionError, TypeError on None, ...
+            raise ExprError(f"{self.source!r}: {type(exc).__name__}: {exc}") from None
+        return tuple(v) if type(v) is list else v  # a list literal reads as a tuple
+
+    def reference_eval(self, record: Mapping[str, Any]) -> Any:
+        """The tree walker: what :meth:`eval` must equal."""
         try:
             return self._eval(self._tree, record)
         except ExprError:

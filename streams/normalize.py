@@ -26,7 +26,6 @@ event ids are keyed the same way. Dead-letter excerpts have identity fields reda
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import math
@@ -37,7 +36,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from streams.expr import ExprError
+from streams.expr import Expr, ExprError
 from streams.platforms import Platform, PlatformRegistry
 from streams.records import DeadLetter, Interaction
 from streams.settings import Settings
@@ -59,8 +58,9 @@ class Pseudonymizer:
         self._n = hex_chars
 
     def key(self, namespace: str, identity: str) -> str:
-        mac = hmac.new(self._secret, f"{namespace}:{identity}".encode(), hashlib.sha256)
-        return mac.hexdigest()[: self._n]
+        # hmac.digest: OpenSSL's one-shot HMAC (the same bytes as hmac.new(...).digest())
+        return hmac.digest(self._secret, f"{namespace}:{identity}".encode(),
+                           "sha256").hex()[: self._n]
 
     def user_key(self, platform: Platform, record: dict[str, Any]) -> str:
         shared = platform.identity.shared
@@ -74,6 +74,9 @@ def _reject_constant(name: str) -> Any:
 
 
 def _depth_exceeds(obj: Any, limit: int) -> bool:
+    if isinstance(obj, dict) and limit >= 2 and not any(
+            isinstance(v, dict | list) for v in obj.values()):
+        return False  # flat (every event of the built-in platforms): depth 2 at most
     stack: list[tuple[Any, int]] = [(obj, 1)]
     while stack:
         o, d = stack.pop()
@@ -159,7 +162,7 @@ class Normalizer:
             rec = p.event_model.model_validate(obj)
         except ValidationError as exc:
             return self._dead(src, platform, "schema", _describe(exc), raw, obj)
-        r = rec.model_dump()
+        r = Expr.record(rec.model_dump())  # one conversion for every expression below
         try:
             ev_time = float(p.event.time.eval(r))
             now = self.clock()

@@ -32,6 +32,7 @@ def install(ctx: Context) -> None:
 
     async def batch(events: list[Any]) -> None:
         wd.begin("normalize")
+        unified: list[tuple[bytes | None, bytes]] = []
         for event in events:
             m = event.message
             m_in.inc(1, m.topic)
@@ -40,11 +41,13 @@ def install(ctx: Context) -> None:
                 timestamp_ms=(m.timestamp * 1000.0) if m.timestamp else None,
                 platform=by_topic.get(m.topic))
             if isinstance(out, Interaction):
-                await ctx.publish(topics.unified, out.user.encode(),
-                                  out.model_dump_json().encode())
+                unified.append((out.user.encode(), out.model_dump_json().encode()))
             else:
                 log.info("dead-lettered %s:%s@%s: %s", m.topic, m.partition, m.offset, out.code)
+                await ctx.publish_many(topics.unified, unified)  # what came before, first
+                unified = []
                 await ctx.dead(out)
+        await ctx.publish_many(topics.unified, unified)
         wd.done("normalize")
 
     @ctx.app.agent(source, name="xrec.normalize")

@@ -155,18 +155,21 @@ class Recommender:
             await self.drift.watch(result.applied_events, ranks)
             clock.lap("drift")
         if ctx.use_model:
-            for key, value in examples_json(result.applied_events, time.time(),
-                                            server.horizon if server is not None else None):
-                await ctx.publish(ctx.topics.train_examples, key, value)
+            await ctx.publish_many(ctx.topics.train_examples, examples_json(
+                result.applied_events, time.time(),
+                server.horizon if server is not None else None))
             clock.lap("examples")
         published_at = time.time()
         payloads = []
+        by_topic: dict[str, list[tuple[bytes | None, bytes]]] = {}
         for rec in recs:
             rec.__dict__["published_at"] = published_at  # frozen model, fresh stamp
             payload = rec.model_dump_json()  # once: the topic and the cache share it
             payloads.append((rec, payload))
-            await ctx.publish(self.recs_topic[rec.platform], rec.user.encode(),
-                              payload.encode())
+            by_topic.setdefault(self.recs_topic[rec.platform], []).append(
+                (rec.user.encode(), payload.encode()))
+        for topic, records in by_topic.items():
+            await ctx.publish_many(topic, records)
         clock.lap("publish")
         await ctx.state.cache(payloads)
         clock.lap("cache")

@@ -81,6 +81,9 @@ def install(ctx: Context) -> None:
     async def learn_batch(events: Any) -> None:
         loop = asyncio.get_running_loop()
         arrived = time.time()
+        if len(events) > s.train_learn_max:  # behind: learn from a sample, keep up
+            ctx.metrics.train_skipped.inc(len(events) - s.train_learn_max)
+            events = rng.sample(events, s.train_learn_max)  # (parse only what is learnt)
         recs = []
         for ev in events:
             try:
@@ -89,10 +92,6 @@ def install(ctx: Context) -> None:
                 log.warning("bad training example skipped: %s", str(exc)[:200])
         if not recs:
             return
-        if len(recs) > s.train_learn_max:  # behind: learn from a sample, keep up
-            skipped = len(recs) - s.train_learn_max
-            recs = rng.sample(recs, s.train_learn_max)
-            ctx.metrics.train_skipped.inc(skipped)
         await react_to_drift()
         steps = await loop.run_in_executor(pool, trainer.learn, recs)
         if reactions is not None and reactions.tick(len(recs)):
