@@ -106,3 +106,62 @@ def test_depth_check_fast_path_agrees_with_the_walk():
     for obj in ({}, {"a": 1}, {"a": 1, "b": "x"}, {"a": [1]}, {"a": {"b": {"c": 1}}}, [1, [2]]):
         for limit in range(5):
             assert _depth_exceeds(obj, limit) == walk(obj, limit), (obj, limit)
+
+
+def test_publish_many_lands_where_publish_would_in_order(stack, ns):
+    """One record batch per partition through aiokafka's send_batch: each key on the
+    partition the Java-compatible partitioner picks, a key's records in order, a record
+    larger than a batch sent on its own."""
+    import asyncio
+
+    from kafka import KafkaConsumer, TopicPartition
+
+    from streams.agents.context import Context, WorkerMetrics
+    from streams.app import base_app
+    from tests.conftest import make_settings
+    from xrec.stack import create_topics
+
+    topic = f"{ns}.many"
+    create_topics(stack.bootstrap, [topic], 4)
+    app = base_app(make_settings(stack, ns), f"{ns}-many")
+    ctx = Context(app=app, settings=None, platforms=None, topics=None, redis=None,  # type: ignore[arg-type]
+                  state=None, metrics=WorkerMetrics(), watchdog=None, wanted=set(),  # type: ignore[arg-type]
+                  worker="t")
+    rnd = random.Random(2)
+    keys = [f"user-{i}".encode() for i in range(40)]
+    records = [(k, f"{k.decode()}#{n}".encode()) for n in range(300) for k in [rnd.choice(keys)]]
+    big = (b"user-big", b"x" * 300_000)  # over the 256 KB batch size
+
+    async def go():
+        await app.producer.start()
+        try:
+            await ctx.publish_many(topic, records[:150] + [big] + records[150:])
+            await app.producer.flush()
+        finally:
+            await app.producer.stop()
+
+    asyncio.run(go())
+    c = KafkaConsumer(bootstrap_servers=stack.bootstrap, group_id=None, fetch_max_wait_ms=100,
+                      max_partition_fetch_bytes=1 << 20)
+    got: dict[int, list[tuple[bytes, bytes]]] = {}
+    try:
+        for p in range(4):
+            tp = TopicPartition(topic, p)
+            c.assign([tp])
+            c.seek_to_beginning(tp)
+            end = c.end_offsets([tp])[tp]
+            while c.position(tp) < end:
+                for recs in c.poll(timeout_ms=500).values():
+                    got.setdefault(p, []).extend((r.key, r.value) for r in recs)
+    finally:
+        c.close()
+    assert sum(len(v) for v in got.values()) == len(records) + 1
+    parts = [0, 1, 2, 3]
+    for p, recs in got.items():
+        for k, _ in recs:
+            assert DefaultPartitioner()(k, parts, parts) == p
+    for k in keys:  # a key's records in the order they were handed over
+        sent = [v for kk, v in records if kk == k]
+        p = DefaultPartitioner()(k, parts, parts)
+        assert [v for kk, v in got.get(p, []) if kk == k] == sent
+    assert ctx.metrics.records_out.values[(topic,)] == len(records) + 1
