@@ -6,12 +6,13 @@ On a fresh embedded stack (Tansu + Redis), in one run:
     output topic. Rate = N / (last output - first output), from record timestamps.
 (b) xrec: the same N events (the simulator's, three platforms) pre-loaded on the platform
     topics; the xrec worker normalizes, updates state, scores and publishes. Rate =
-    N / (time from first to last applied event), polled in Redis.
+    N / (time from first to last applied event), polled in Redis from the workers' start.
 (c) latency: with the xrec worker warm, M fresh events replayed at a fixed offered rate;
     event produce time → recommendation publish time, p50 / p99.
 
 ``--json``: the last stdout line is one JSON object with the keys bare_events_per_s,
-xrec_events_per_s, ratio, latency_ms_p50, latency_ms_p99 (plus details).
+xrec_events_per_s, ratio, latency_ms_p50, latency_ms_p99 (plus details, among them
+cpu_us_per_event: CPU microseconds per applied event of each process during (b)).
 """
 
 from __future__ import annotations
@@ -121,15 +122,15 @@ class Stack:
         self.started.append(svc)
         return svc
 
-    def worker(self):  # type: ignore[no-untyped-def]
+    def worker(self, wait: bool = True):  # type: ignore[no-untyped-def]
         """The workers `xrec dev` runs (recommend; normalize + catalog; train); returns the
-        recommend one."""
+        recommend one (``wait``: once the others are ready)."""
         env = {"KAFKA_BOOTSTRAP_SERVERS": self.tansu.url, "REDIS_URL": self.redis.url,
                "XREC_ENV": "dev", "XREC_LOG_LEVEL": "INFO"}
         workers = start_workers(self.wd, env, self.settings)
         for w in workers:
             self._keep(w)
-        for w in workers[1:]:
+        for w in workers[1:] if wait else ():
             wait_worker_ready(self.redis.url, self.settings.redis_prefix, w)
         return workers[0]
 
@@ -178,7 +179,7 @@ def main() -> None:
         rep = Replayer(st.tansu.url, linger_ms=LINGER_MS)
         rep.replay(st.sources(wd / "sim", man), progress=False)
         rep.close()
-        st.worker()
+        st.worker(wait=False)  # measured from its first applied event: poll from now on
         cache = RecsCache(st.redis.url)
         procs = {svc.name: svc.pid for svc in st.started}
         first = last = None
@@ -196,6 +197,9 @@ def main() -> None:
             time.sleep(0.05)
         if first is None or last is None:
             raise SystemExit("the xrec worker did not apply every event in time")
+        if last[1] - first[1] < man["valid_events"] // 2:
+            raise SystemExit(f"only {last[1] - first[1]} of {man['valid_events']} events "
+                             "were applied while observed: use more --events")
         xrec = (last[1] - first[1]) / max(last[0] - first[0], 1e-9)
         hz = os.sysconf("SC_CLK_TCK")
         cpu_us = {k: round(1e6 * (cpu_ticks(v) - c0[k]) / hz / max(1, last[1] - first[1]), 1)

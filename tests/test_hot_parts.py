@@ -109,9 +109,9 @@ def test_depth_check_fast_path_agrees_with_the_walk():
 
 
 def test_publish_many_lands_where_publish_would_in_order(stack, ns):
-    """One record batch per partition through aiokafka's send_batch: each key on the
-    partition the Java-compatible partitioner picks, a key's records in order, a record
-    larger than a batch sent on its own."""
+    """Record by record, or one record batch per partition through aiokafka's
+    send_batch: either way each key on the partition the Java-compatible partitioner
+    picks, a key's records in order across calls, a record larger than a batch sent."""
     import asyncio
 
     from kafka import KafkaConsumer, TopicPartition
@@ -132,10 +132,23 @@ def test_publish_many_lands_where_publish_would_in_order(stack, ns):
     records = [(k, f"{k.decode()}#{n}".encode()) for n in range(300) for k in [rnd.choice(keys)]]
     big = (b"user-big", b"x" * 300_000)  # over the 256 KB batch size
 
+    batches: list[int] = []
+
     async def go():
         await app.producer.start()
+        prod = app.producer._producer
+        send_batch = prod.send_batch
+
+        async def counted(batch, topic, *, partition):
+            batches.append(batch.record_count())
+            return await send_batch(batch, topic, partition=partition)
+
+        prod.send_batch = counted
         try:
-            await ctx.publish_many(topic, records[:150] + [big] + records[150:])
+            await ctx.publish_many(topic, records[:10])  # few: record by record, lingering
+            await ctx.publish_many(topic, records[10:150] + [big])  # behind them: the same
+            await asyncio.sleep(0.1)  # (the lingering batches are sent)
+            await ctx.publish_many(topic, records[150:])  # many: one batch per partition
             await app.producer.flush()
         finally:
             await app.producer.stop()
@@ -156,12 +169,14 @@ def test_publish_many_lands_where_publish_would_in_order(stack, ns):
     finally:
         c.close()
     assert sum(len(v) for v in got.values()) == len(records) + 1
+    assert len(batches) >= 4 and sum(batches) >= 100  # the last call: whole batches
     parts = [0, 1, 2, 3]
     for p, recs in got.items():
         for k, _ in recs:
             assert DefaultPartitioner()(k, parts, parts) == p
     for k in keys:  # a key's records in the order they were handed over
         sent = [v for kk, v in records if kk == k]
+        assert sent
         p = DefaultPartitioner()(k, parts, parts)
         assert [v for kk, v in got.get(p, []) if kk == k] == sent
     assert ctx.metrics.records_out.values[(topic,)] == len(records) + 1

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.structs import TopicPartition
 
 from streams.metrics import (
     MS_BUCKETS,
@@ -28,6 +29,8 @@ __all__ = ["Context", "WorkerMetrics", "STAGE_BUCKETS", "RECOMMEND_STAGES"]
 
 #: per-stage milliseconds of one micro-batch: most stages take well under a millisecond
 STAGE_BUCKETS = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000)
+#: records of one partition that :meth:`Context.publish_many` hands over as one batch
+PUBLISH_BATCH_MIN = 32
 #: the recommend agent's stages, in the order a micro-batch runs them
 RECOMMEND_STAGES = ("decode", "apply", "tower", "evaluate", "rank", "drift", "examples",
                     "publish", "cache")
@@ -122,42 +125,53 @@ class Context:
 
     async def publish_many(self, topic: str, records: Sequence[tuple[bytes | None, bytes]]
                            ) -> None:
-        """Many records of one topic: one record batch per partition handed to the Kafka
-        client at once (aiokafka ``send_batch``), instead of a ``send`` (a coroutine chain
-        and a future) per record. Same partitions as :meth:`publish` (the app's
-        partitioner), order kept within a partition; Faust's flush before a commit waits
-        for these batches too. Falls back to :meth:`publish` where the client lacks it."""
+        """Many records of one topic. Where a partition gets at least
+        ``PUBLISH_BATCH_MIN`` of them and the client holds nothing queued for it, they go
+        to the Kafka client as one closed record batch (aiokafka ``send_batch``) instead
+        of a ``send`` per record (a coroutine chain and a future each): the backlog case.
+        Otherwise record by record (:meth:`publish`), joining the lingering batch: a
+        closed batch waits for the one queued ahead of it to be sent, which at low rates
+        added ~2 ms per micro-batch and p99 latency (measured). Same partitions as
+        :meth:`publish` (the app's partitioner), order kept within a partition; Faust's
+        flush before a commit waits for both kinds of batch."""
         prod = getattr(self.app.producer, "_producer", None)
-        if len(records) < 2 or prod is None or not hasattr(prod, "send_batch"):
+        queued = getattr(getattr(prod, "_message_accumulator", None), "_batches", None)
+        if len(records) < PUBLISH_BATCH_MIN or queued is None or not hasattr(
+                prod, "send_batch"):
             for key, value in records:
                 await self.publish(topic, key, value)
             return
         await prod.client._wait_on_metadata(topic)
         parts = sorted(prod.client.cluster.partitions_for_topic(topic) or ())
-        if not parts:  # pragma: no cover - the wait above raises first
-            for key, value in records:
-                await self.publish(topic, key, value)
-            return
         partitioner = self.app.conf.producer_partitioner or DefaultPartitioner()
         by_part: dict[int, list[tuple[bytes | None, bytes]]] = {}
-        sent_alone = 0  # (counted by publish)
         for key, value in records:
-            by_part.setdefault(partitioner(key, parts, parts), []).append((key, value))
+            part = partitioner(key, parts, parts) if parts else -1
+            by_part.setdefault(part, []).append((key, value))
+        batched = 0
         for part, recs in by_part.items():
+            if part < 0 or len(recs) < PUBLISH_BATCH_MIN or queued.get(
+                    TopicPartition(topic, part)):
+                for key, value in recs:
+                    await self.publish(topic, key, value)
+                continue
             batch = prod.create_batch()
             for key, value in recs:
-                if batch.append(key=key, value=value, timestamp=None) is None:  # full
-                    if batch.record_count():
-                        batch.close()
-                        await prod.send_batch(batch, topic, partition=part)
-                        batch = prod.create_batch()
-                    if batch.append(key=key, value=value, timestamp=None) is None:
-                        await self.publish(topic, key, value)  # larger than a batch
-                        sent_alone += 1
+                if batch.append(key=key, value=value, timestamp=None) is not None:
+                    batched += 1
+                    continue
+                if batch.record_count():  # full: send it, go on in a new one
+                    batch.close()
+                    await prod.send_batch(batch, topic, partition=part)
+                    batch = prod.create_batch()
+                if batch.append(key=key, value=value, timestamp=None) is not None:
+                    batched += 1
+                else:
+                    await self.publish(topic, key, value)  # larger than a batch
             if batch.record_count():
-                batch.close()  # complete: sent now (an open one lingers, and holds the
-                await prod.send_batch(batch, topic, partition=part)  # next one back)
-        self.metrics.records_out.inc(len(records) - sent_alone, topic)
+                batch.close()  # complete: sent without lingering
+                await prod.send_batch(batch, topic, partition=part)
+        self.metrics.records_out.inc(batched, topic)
 
     async def dead(self, d: DeadLetter) -> None:
         await self.publish(self.topics.deadletter, None, d.model_dump_json().encode())
