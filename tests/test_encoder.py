@@ -39,8 +39,7 @@ def test_unit_vectors_in_caller_order(encoders):
         # length-sorted batching must not reorder results
         single = np.stack([enc.encode([t])[0] for t in TEXTS])
         cos = np.sum(v * single, axis=1)
-        # int8 scales activations per batch, so batch-mates move a vector slightly
-        assert cos.min() > (0.95 if name == "onnx-int8" else 0.99999), name
+        assert cos.min() > 0.99999, name  # every backend: batch-mates change nothing
         assert enc.device == "cpu"
 
 
@@ -49,7 +48,10 @@ def test_backends_agree_within_tolerance(encoders):
     fp32 = encoders["onnx-fp32"].encode(TEXTS)
     int8 = encoders["onnx-int8"].encode(TEXTS)
     assert np.min(np.sum(ref * fp32, axis=1)) > 0.9999
-    assert np.min(np.sum(ref * int8, axis=1)) > 0.97
+    cos8 = np.sum(ref * int8, axis=1)
+    # item texts: static int8 within 2% (bench/encoder.py: mean 0.99, min 0.98 over 5,000);
+    # 64 word pieces of "aaaa…", far from any calibration text, within 5%
+    assert cos8[:-1].min() > 0.98 and cos8[-1] > 0.95, cos8
     assert len({e.id for e in encoders.values()}) == 4  # spaces never mix
 
 
@@ -86,9 +88,10 @@ def test_unknown_backend():
 
 
 def test_a_vector_depends_on_its_text_alone(encoders):
-    """Dynamic int8 quantization scales activations per input tensor: batched, a text's
+    """Dynamic int8 quantization scaled activations per input tensor: batched, a text's
     vector moved with its neighbours (cosine 0.977 at worst), so the same catalog could
-    encode differently depending on arrival timing. Every backend must be batch-blind."""
+    encode differently depending on arrival timing. Every backend must be batch-blind
+    (int8: static scales, calibrated once)."""
     texts = ["Requiem", "Starlight Drive (Acoustic) by Nova",
              "A crew of astronauts drifts past Jupiter toward the edge of the solar system",
              "cooking pasta in an italian kitchen"]
