@@ -77,6 +77,10 @@ def _depth_exceeds(obj: Any, limit: int) -> bool:
     if isinstance(obj, dict) and limit >= 2 and not any(
             isinstance(v, dict | list) for v in obj.values()):
         return False  # flat (every event of the built-in platforms): depth 2 at most
+    return _depth_walk(obj, limit)
+
+
+def _depth_walk(obj: Any, limit: int) -> bool:
     stack: list[tuple[Any, int]] = [(obj, 1)]
     while stack:
         o, d = stack.pop()

@@ -90,18 +90,7 @@ def test_item_table_columns_follow_rows_and_new_items():
 
 def test_depth_check_fast_path_agrees_with_the_walk():
     from streams.normalize import _depth_exceeds
-
-    def walk(obj, limit):  # the plain walk, without the flat-object shortcut
-        stack = [(obj, 1)]
-        while stack:
-            o, d = stack.pop()
-            if d > limit:
-                return True
-            if isinstance(o, dict):
-                stack.extend((v, d + 1) for v in o.values())
-            elif isinstance(o, list):
-                stack.extend((v, d + 1) for v in o)
-        return False
+    from streams.normalize import _depth_walk as walk  # the walk without the shortcut
 
     for obj in ({}, {"a": 1}, {"a": 1, "b": "x"}, {"a": [1]}, {"a": {"b": {"c": 1}}}, [1, [2]]):
         for limit in range(5):

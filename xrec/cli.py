@@ -155,10 +155,7 @@ def worker(agents: str | None, loglevel: str | None) -> None:
         import torch
 
         torch.set_num_threads(s.torch_threads)
-    app = create_app(s, agents=agents)
-    from streams.gctune import freeze_startup
-
-    freeze_startup(s.gc_gen0, "worker built")
+    app = create_app(s, agents=agents)  # (ready, it freezes what it loaded: streams/gctune.py)
     w = _bounded_worker(app, s.shutdown_timeout_s, loglevel=(loglevel or s.log_level).upper(),
                         quiet=True, redirect_stdouts=False)
     w.execute_from_commandline()
