@@ -51,7 +51,9 @@ def test_freeze_startup_moves_what_is_loaded_out_of_collections():
         assert freeze_startup(0, "off") == 0 and gc.get_threshold() == before
         keep = [[i] for i in range(1000)]  # tracked objects alive now
         n = freeze_startup(20_000, "test")
-        assert n >= len(keep) and gc.get_freeze_count() >= n
+        # (other threads of the test session may free frozen objects meanwhile: the
+        # count can shrink below n, never below what this test keeps alive)
+        assert n >= len(keep) and gc.get_freeze_count() >= len(keep)
         assert gc.get_threshold()[0] == 20_000
     finally:
         gc.unfreeze()

@@ -93,7 +93,7 @@ def test_a_batch_runs_every_stage_and_the_metrics_show_them(stack, ns):
     text = ctx.metrics.registry.render()
     for stage in stages:
         assert f'xrec_recommend_stage_ms_count{{stage="{stage}"}} 1' in text
-        assert f'xrec_recommend_stage_ms_bucket{{stage="{stage}",le="+Inf"}} 1' in text
+        assert f'xrec_recommend_stage_ms_bucket{{le="+Inf",stage="{stage}"}} 1' in text
     assert "xrec_recommend_batch_events_sum 31" in text
     assert any(t == ctx.topics.deadletter for t, _, _ in sink.sent)  # the bad record
 

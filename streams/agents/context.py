@@ -12,6 +12,7 @@ from aiokafka.structs import TopicPartition
 
 from streams.metrics import (
     MS_BUCKETS,
+    SECONDS_BUCKETS,
     SIZE_BUCKETS,
     Counter,
     Gauge,
@@ -37,10 +38,14 @@ RECOMMEND_STAGES = ("decode", "apply", "tower", "evaluate", "rank", "drift", "ex
 
 
 class WorkerMetrics:
-    """Every Prometheus series a worker exports (``/metrics``)."""
+    """Every Prometheus series a worker exports (``/metrics``), on one
+    ``prometheus_client`` registry with the library's process, platform and GC collectors.
+    A worker exports them all whatever agents it runs (series without samples show only
+    their ``# HELP`` / ``# TYPE`` lines), so the dashboard's queries have one list to match
+    (tests/test_compose.py)."""
 
-    def __init__(self) -> None:
-        reg = self.registry = Registry()
+    def __init__(self, process: bool = True) -> None:
+        reg = self.registry = Registry(process=process)
         self.events_in = reg.add(Counter("xrec_events_in_total", "records consumed, by topic",
                                          ["topic"]))
         self.records_out = reg.add(Counter("xrec_records_out_total",
@@ -88,6 +93,33 @@ class WorkerMetrics:
                                       ["agent"]))
         self.agent_idle = reg.add(Gauge("xrec_agent_idle_seconds", "seconds since the agent "
                                         "last completed an event or micro-batch", ["agent"]))
+        # quality, drift and head freshness: what the reports on xrec.metrics.* say
+        self.quality_recall = reg.add(Gauge(
+            "xrec_quality_recall_at_10", "prequential recall@10 of the served model over the "
+            "last quality window (XREC_QUALITY_WINDOW_S), by platform ('all': every one) and "
+            "cohort (all / coldstart)", ["platform", "cohort"]))
+        self.quality_ndcg = reg.add(Gauge(
+            "xrec_quality_ndcg_at_10", "prequential NDCG@10 of the served model over the last "
+            "quality window, by platform and cohort", ["platform", "cohort"]))
+        self.quality_events = reg.add(Gauge(
+            "xrec_quality_window_events", "positive events ranked prequentially in the last "
+            "quality window, by platform and cohort", ["platform", "cohort"]))
+        self.drift_value = reg.add(Gauge(
+            "xrec_drift_value", "each drift signal's current value (the drift windows of "
+            "xrec.metrics.drift), by platform ('all' too) and signal", ["platform", "signal"]))
+        self.head_published = reg.add(Gauge("xrec_head_version_published", "head version the "
+                                            "train agent last published"))
+        self.head_event_to_publish_s = reg.add(Histogram(
+            "xrec_head_event_to_publish_seconds", "newest event a head version was trained "
+            "on produced → that version published by the train agent", SECONDS_BUCKETS))
+        self.train_loss = reg.add(Gauge("xrec_train_loss", "training loss (sampled softmax) of "
+                                        "the batch that produced the last published version"))
+        self.head_used_after_s = reg.add(Histogram(
+            "xrec_head_used_after_seconds", "a head version's training batch arrived at the "
+            "trainer → that version in use in this recommender", SECONDS_BUCKETS))
+        self.head_event_to_use_s = reg.add(Histogram(
+            "xrec_head_event_to_use_seconds", "newest event a head version was trained on "
+            "produced → that version in use in this recommender", SECONDS_BUCKETS))
 
 
 @dataclass

@@ -64,6 +64,8 @@ class DriftWatch:
         """Each platform's current signal values (``kind = window``)."""
         now = time.time()
         for p, vals in self.monitor.values().items():
+            for sig, v in vals.items():
+                self.ctx.metrics.drift_value.set(v, p, sig)
             pm = self.monitor.platforms.get(p, self.monitor.overall)
             w = DriftWindow(platform=p, values=vals, events=pm.n, worker=self.ctx.worker,
                             time=now)

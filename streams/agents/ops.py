@@ -27,7 +27,10 @@ def install(ctx: Context) -> None:
 
     @app.page("/metrics")
     async def metrics_page(web: Any, request: Any) -> Any:
-        return web.text(m.registry.render(), content_type="text/plain; version=0.0.4")
+        """prometheus_client's exposition: text 0.0.4, or OpenMetrics when the scraper's
+        ``Accept`` asks for it (Prometheus does)."""
+        body, content_type = m.registry.exposition(request.headers.get("Accept"))
+        return web.bytes(body, headers={"Content-Type": content_type})
 
     @app.page("/healthz")
     async def healthz(web: Any, request: Any) -> Any:
@@ -80,6 +83,33 @@ def install(ctx: Context) -> None:
             stalled.update(now_stalled)
         except Exception:  # a report must never take the worker down
             log.exception("watchdog check failed")
+
+    server = ctx.server
+    if server is not None:
+        seen = [0]  # the newest head version whose swap this worker has counted
+        started = time.time()  # (worker ids are pids: a restarted container reuses one)
+
+        @app.timer(5.0)
+        async def head_freshness() -> None:
+            """The swaps this recommender logged (HeadRegistry.note_swap) into the head
+            freshness histograms; Redis is read only when the served version moved."""
+            if server.version <= seen[0]:
+                return
+            try:
+                reg = server.reg
+                raw = await reg.r.lrange(reg.k("swaps"), 0, 99)
+            except Exception as exc:  # noqa: BLE001 - retried at the next tick
+                log.warning("head swaps unavailable: %s", exc)
+                return
+            new: dict[int, dict[str, Any]] = {}  # version → its swap here (one each)
+            for x in map(json.loads, raw):
+                if x.get("worker") == ctx.worker and x.get("version", 0) > seen[0] and \
+                        x.get("at", 0) >= started:
+                    new.setdefault(int(x["version"]), x)
+            for _, x in sorted(new.items()):
+                m.head_used_after_s.observe(float(x["used_after_s"]))
+                m.head_event_to_use_s.observe(float(x["event_to_use_s"]))
+            seen[0] = max([seen[0], *new])  # (a swap not logged yet: the next tick)
 
     loop_watch = LoopWatch(s.stall_after_s)
 

@@ -103,6 +103,11 @@ def install(ctx: Context) -> None:
         meta = {"batch_arrived_at": arrived, "newest_produced_at": newest}
         version = await state._retry("head publish", lambda: trainer.reg.publish(blob, meta))
         rec = trainer.record(version, len(recs), arrived, newest, len(blob))
+        m = ctx.metrics
+        m.head_published.set(version)
+        m.head_event_to_publish_s.observe(time.time() - newest)
+        if rec.loss is not None:
+            m.train_loss.set(rec.loss)
         await ctx.publish(ctx.topics.heads, None, rec.model_dump_json().encode())
 
     async def batch(events: list[Any]) -> None:
