@@ -13,6 +13,10 @@ On a fresh embedded stack (Tansu + Redis), in one run:
 ``--json``: the last stdout line is one JSON object with the keys bare_events_per_s,
 xrec_events_per_s, ratio, latency_ms_p50, latency_ms_p99 (plus details, among them
 cpu_us_per_event: CPU microseconds per applied event of each process during (b)).
+
+``--explain-ab N``: after (b), N more pairs of (b) runs, explanations off
+(``XREC_EXPLAIN_TOP=0``) then on (the default), alternating on fresh stacks; adds
+``explain`` to the JSON: each run's rate and the cost, 1 - on/off, per pair and overall.
 """
 
 from __future__ import annotations
@@ -122,11 +126,11 @@ class Stack:
         self.started.append(svc)
         return svc
 
-    def worker(self, wait: bool = True):  # type: ignore[no-untyped-def]
+    def worker(self, wait: bool = True, **extra: str):  # type: ignore[no-untyped-def]
         """The workers `xrec dev` runs (recommend; normalize + catalog; train); returns the
-        recommend one (``wait``: once the others are ready)."""
+        recommend one (``wait``: once the others are ready). ``extra``: environment."""
         env = {"KAFKA_BOOTSTRAP_SERVERS": self.tansu.url, "REDIS_URL": self.redis.url,
-               "XREC_ENV": "dev", "XREC_LOG_LEVEL": "INFO"}
+               "XREC_ENV": "dev", "XREC_LOG_LEVEL": "INFO", **extra}
         workers = start_workers(self.wd, env, self.settings)
         for w in workers:
             self._keep(w)
@@ -143,43 +147,15 @@ class Stack:
             svc.stop()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.
-                                 RawDescriptionHelpFormatter)
-    ap.add_argument("--events", type=int, default=10000, help="events for the rate runs")
-    ap.add_argument("--latency-events", type=int, default=6000,
-                    help="events for the latency phase (30 s at 200/s)")
-    ap.add_argument("--rate", type=float, default=200.0, help="offered rate for latency")
-    ap.add_argument("--linger-ms", type=int, default=None,
-                    help="producer linger for every producer here (bare agent, xrec worker, "
-                         "replay); default: xrec's XREC_PRODUCER_LINGER_MS")
-    ap.add_argument("--json", action="store_true")
-    a = ap.parse_args()
-    if a.linger_ms is None:
-        a.linger_ms = Settings().producer_linger_ms
-    os.environ["XREC_PRODUCER_LINGER_MS"] = str(a.linger_ms)  # inherited by the workers
-    global LINGER_MS
-    LINGER_MS = a.linger_ms
-
-    wd = Path(tempfile.mkdtemp(prefix="xrec-bench-"))
-    man = simulate(SimConfig(events=a.events, seed=1), wd / "sim")
-    files = [wd / "sim" / f for f in man["files"]["events"].values()]
-
-    log(f"(a) bare pass-through over {a.events:,} events ...")
-    st = Stack(wd / "a")
-    try:
-        bare = bare_rate(st.tansu.url, files, a.events, wd / "a")
-    finally:
-        st.stop()
-    log(f"    bare: {bare:,.0f} events/s")
-
-    log(f"(b) xrec loop over {a.events:,} events ...")
-    st = Stack(wd / "b")
+def loop_rate(wd: Path, man: dict, **env: str) -> tuple[float, dict[str, float]]:
+    """Phase (b) on a fresh stack: events/s of the whole loop over the pre-loaded backlog
+    and CPU µs per applied event by process."""
+    st = Stack(wd)
     try:
         rep = Replayer(st.tansu.url, linger_ms=LINGER_MS)
-        rep.replay(st.sources(wd / "sim", man), progress=False)
+        rep.replay(st.sources(wd.parent / "sim", man), progress=False)
         rep.close()
-        st.worker(wait=False)  # measured from its first applied event: poll from now on
+        st.worker(wait=False, **env)  # measured from its first applied event: poll from now
         cache = RecsCache(st.redis.url)
         procs = {svc.name: svc.pid for svc in st.started}
         first = last = None
@@ -206,8 +182,60 @@ def main() -> None:
                   for k, v in procs.items()}
     finally:
         st.stop()
+    return xrec, cpu_us
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.
+                                 RawDescriptionHelpFormatter)
+    ap.add_argument("--events", type=int, default=10000, help="events for the rate runs")
+    ap.add_argument("--latency-events", type=int, default=6000,
+                    help="events for the latency phase (30 s at 200/s)")
+    ap.add_argument("--rate", type=float, default=200.0, help="offered rate for latency")
+    ap.add_argument("--linger-ms", type=int, default=None,
+                    help="producer linger for every producer here (bare agent, xrec worker, "
+                         "replay); default: xrec's XREC_PRODUCER_LINGER_MS")
+    ap.add_argument("--explain-ab", type=int, default=0, metavar="N",
+                    help="N more pairs of (b): explanations off, then on (their cost)")
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    if a.linger_ms is None:
+        a.linger_ms = Settings().producer_linger_ms
+    os.environ["XREC_PRODUCER_LINGER_MS"] = str(a.linger_ms)  # inherited by the workers
+    global LINGER_MS
+    LINGER_MS = a.linger_ms
+
+    wd = Path(tempfile.mkdtemp(prefix="xrec-bench-"))
+    man = simulate(SimConfig(events=a.events, seed=1), wd / "sim")
+    files = [wd / "sim" / f for f in man["files"]["events"].values()]
+
+    log(f"(a) bare pass-through over {a.events:,} events ...")
+    st = Stack(wd / "a")
+    try:
+        bare = bare_rate(st.tansu.url, files, a.events, wd / "a")
+    finally:
+        st.stop()
+    log(f"    bare: {bare:,.0f} events/s")
+
+    log(f"(b) xrec loop over {a.events:,} events ...")
+    xrec, cpu_us = loop_rate(wd / "b", man)
     log(f"    xrec: {xrec:,.0f} events/s; CPU µs per applied event by process: {cpu_us} "
         f"(total {sum(cpu_us.values()):,.0f})")
+    explain = None
+    if a.explain_ab:
+        pairs = []
+        for n in range(a.explain_ab):
+            off, c_off = loop_rate(wd / f"b-off{n}", man, XREC_EXPLAIN_TOP="0")
+            on, c_on = loop_rate(wd / f"b-on{n}", man)
+            log(f"    explanations off {off:,.0f} / on {on:,.0f} events/s "
+                f"(recommend CPU µs/event {c_off.get('recommend')} / {c_on.get('recommend')})")
+            pairs.append({"off_events_per_s": round(off, 1), "on_events_per_s": round(on, 1),
+                          "cost": round(1 - on / off, 3),
+                          "recommend_cpu_us": [c_off.get("recommend"), c_on.get("recommend")]})
+        off_sum = sum(p["off_events_per_s"] for p in pairs)
+        on_sum = sum(p["on_events_per_s"] for p in pairs)
+        explain = {"pairs": pairs, "cost": round(1 - on_sum / off_sum, 3),
+                   "top": Settings().explain_top}
 
     log(f"(c) latency at {a.rate:.0f} events/s over {a.latency_events:,} events ...")
     man2 = simulate(SimConfig(events=a.latency_events, seed=2), wd / "sim2")
@@ -240,6 +268,8 @@ def main() -> None:
            "latency_ms_p99": round(p99, 1), "offered_rate": a.rate, "events": a.events,
            "latency_events": a.latency_events, "linger_ms": a.linger_ms,
            "cpus": os.cpu_count(), "cpu_us_per_event": cpu_us}
+    if explain is not None:
+        out["explain"] = explain
     print(f"bare {bare:,.0f} ev/s | xrec {xrec:,.0f} ev/s | ratio {out['ratio']:.2f} | "
           f"p50 {p50:.1f} ms p99 {p99:.1f} ms at {a.rate:.0f} ev/s | linger {a.linger_ms} ms")
     if a.json:

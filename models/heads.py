@@ -439,8 +439,11 @@ class ServingTower:
             self.tok = torch.cat([self.tok, tok])
             self.att = torch.cat([self.att, tok @ self.w])
 
-    def user(self, table: ItemTable, h: History) -> torch.Tensor:
-        """Normalised query vectors [B, d], as :meth:`HeadsModel.user`."""
+    def user(self, table: ItemTable, h: History, attention: bool = False
+             ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Normalised query vectors [B, d], as :meth:`HeadsModel.user`; with
+        ``attention`` also the attention weights on the history positions [B, L]
+        (what explanations weigh the history by: :mod:`streams.explain`)."""
         m = self.model
         dev = self.emb.device
         b, seq = h.gid.shape
@@ -480,7 +483,8 @@ class ServingTower:
                 sel = torch.from_numpy(np.nonzero(inv_t.reshape(-1) == j)[0]).to(dev)
                 us = u[sel]
                 out[sel] = us + m.query[n](us)
-            return F.normalize(out, dim=-1)
+            q = F.normalize(out, dim=-1)
+            return (q, aj) if attention else q
 
 
 def save_model(model: HeadsModel, compact: bool = False) -> bytes:

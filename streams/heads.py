@@ -41,9 +41,10 @@ from models.heads import (
 from models.metrics import RankingStats
 from models.popco import popco_dense, standardised
 from models.trainer import Example, OnlineTrainer, TrainConfig
+from streams.explain import model_reasons, popco_reason
 from streams.records import HeadVersion, QualityWindow, TrainingExample
 from streams.settings import Settings
-from streams.state import redis_from_url
+from streams.state import redis_from_url, row_lookup
 from streams.vectors import VectorStore
 
 __all__ = ["HeadRegistry", "ModelServer", "Ask", "TrainerService", "model_config", "examples_json",
@@ -136,8 +137,10 @@ class Ask:
     is not in the catalog); otherwise the best ``k`` (item, score). Items in ``exclude``
     and ``extra`` (consumed ones) are not candidates; the target never counts as one.
     ``pop`` and ``co`` (:class:`streams.state.AggRow`): the platform's popularity and the
-    co-occurrence rows of the user's recent positives there (newest first), for the
-    model ⊕ popco hybrid (``XREC_HYBRID_WEIGHT``); without them the model ranks alone."""
+    co-occurrence rows of the user's recent positives there (newest first; ``co_src``:
+    those items), for the model ⊕ popco hybrid (``XREC_HYBRID_WEIGHT``); without them the
+    model ranks alone. ``why`` is set by :meth:`ModelServer.answer`: the reasons
+    (:mod:`streams.explain`) of its best ``XREC_EXPLAIN_TOP`` items, as JSON."""
 
     history: Sequence[HistEntry]
     platform: str
@@ -147,6 +150,8 @@ class Ask:
     target: str | None = None
     pop: Any = None
     co: Sequence[Any] = ()
+    co_src: Sequence[str] = ()
+    why: list[str] | None = None
 
 
 def recent_positives(history: Sequence[HistEntry], platform: str, n: int) -> list[str]:
@@ -304,8 +309,13 @@ class ModelServer:
         h = History.build(hists, [a.now for a in asks],
                           [t.platform_index(a.platform) for a in asks],
                           model.cfg.hist_len, model.cfg.gap_buckets)
+        explain = self.s.explain_top > 0 and any(a.target is None for a in asks)
+        att_all = None
         with torch.inference_mode():
-            q_all = cur.tower.user(t, h)
+            if explain:
+                q_all, att_all = cur.tower.user(t, h, attention=True)
+            else:
+                q_all = cur.tower.user(t, h)
             tau = float(model.tau)
         if clock is not None:
             clock.lap("tower")
@@ -340,28 +350,36 @@ class ModelServer:
                         cols = [c for c in cols if c != tc]
                     ex_r.extend([r] * len(cols))
                     ex_c.extend(cols)
+                why = explain and stage == "rank"
+                parts = None
                 with torch.inference_mode():
                     sel = torch.as_tensor(idx, device=q_all.device)
                     s = torch.addmm(b_p[None], q_all[sel], e_p.T, alpha=tau)
                     if self.s.hybrid_weight > 0:
-                        s = self._hybrid(s, [asks[n] for n in idx], p, n_items)
+                        s, parts = self._hybrid(s, [asks[n] for n in idx], p, n_items, why)
                     if ex_r:
                         s.index_put_((torch.as_tensor(ex_r), torch.as_tensor(ex_c)),
                                      torch.tensor(-math.inf, device=s.device))
                     if stage == "evaluate":
                         self._ranks(s, targets, idx, out)
                     else:
-                        self._tops(s, min(k, n_items), t.rows(p), idx, out)
+                        cols = self._tops(s, min(k, n_items), t.rows(p), idx, out)
+                if why:
+                    assert att_all is not None
+                    self._explain(cur, p, [asks[n] for n in idx], cols, h.gid[idx],
+                                  h.label[idx] == 1, att_all[sel], parts)
                 if clock is not None:
                     clock.lap(stage)
         return out
 
-    def _hybrid(self, s: torch.Tensor, asks: Sequence[Ask], p: str, n: int) -> torch.Tensor:
+    def _hybrid(self, s: torch.Tensor, asks: Sequence[Ask], p: str, n: int,
+                parts: bool = False) -> tuple[torch.Tensor, dict[str, Any] | None]:
         """The model's scores ⊕ λ × popco's, each standardised over the platform's catalog
         (before exclusions), as ``models.baselines.Hybrid``. Asks without popularity or
-        co-occurrence rows keep the model's order (their popco row is constant)."""
+        co-occurrence rows keep the model's order (their popco row is constant).
+        With ``parts`` also the two parts and popco's own (for explanations)."""
         if not any(a.pop is not None or a.co for a in asks):
-            return s
+            return s, None
         # Σ_k row_k / k per ask as one bincount over (ask, column) (no per-row numpy ops)
         at, cols, vals, scale, lens = [], [], [], [], []
         groups: dict[int, tuple[Any, list[int]]] = {}  # popularity row → its asks
@@ -383,17 +401,69 @@ class ModelServer:
         else:
             co = np.zeros((len(asks), n))
         pc = np.empty_like(co)
+        pvs = np.zeros((len(asks), n)) if parts else None
         for row, rs in groups.values():  # one per platform and stage, at most two
             pv = np.zeros(n)
             if row is not None:
                 c, v = self._row_cols(row, p)
                 pv[c] = v
             pc[rs] = popco_dense(co[rs], pv, self.s.cooc_blend)
-        pc = standardised(pc)
+            if pvs is not None:
+                pvs[rs] = pv
+        pcz = standardised(pc)
         mu = s.mean(dim=1, keepdim=True)
         sd = s.std(dim=1, correction=0, keepdim=True)
         z = (s - mu) / torch.where(sd > 0, sd, torch.ones_like(sd))
-        return z + self.s.hybrid_weight * torch.from_numpy(pc).to(z.dtype).to(z.device)
+        hyb = self.s.hybrid_weight * torch.from_numpy(pcz).to(z.dtype).to(z.device)
+        return z + hyb, ({"model": z, "popco": hyb, "co": co, "pop": pvs} if parts else None)
+
+    def _explain(self, cur: _Served, p: str, asks: Sequence[Ask], cols: np.ndarray,
+                 hist: np.ndarray, positive: np.ndarray, att: torch.Tensor,
+                 parts: dict[str, Any] | None) -> None:
+        """Each ask's ``why``: reasons for its best ``XREC_EXPLAIN_TOP`` items
+        (:mod:`streams.explain`). ``cols``: their catalog columns, best first (-1 = none)."""
+        n = min(self.s.explain_top, cols.shape[1])
+        cols = cols[:, :n]
+        rows = self.tables.table.rows(p)
+        top = np.where(cols >= 0, rows[np.maximum(cols, 0)], -1)
+        new = popco = None
+        if parts is not None:
+            r_i = np.arange(len(asks))[:, None]
+            c0 = np.maximum(cols, 0)
+            pop = parts["pop"][r_i, c0]
+            new = pop <= 0
+            by_popco = (parts["popco"][torch.as_tensor(r_i), torch.as_tensor(c0)]
+                        > parts["model"][torch.as_tensor(r_i), torch.as_tensor(c0)]).numpy()
+            by_popco &= cols >= 0
+            if by_popco.any():
+                popco = self._popco_reasons(p, asks, cols, by_popco, parts["co"],
+                                            parts["pop"])
+        t = self.tables.table
+        plats, plat = t.platforms, t.plat
+        why = model_reasons(cur.tower.emb, top, hist, positive, att, t.ids,
+                            lambda g: plats[plat[g]], p, new, popco)
+        for a, w in zip(asks, why, strict=True):
+            a.why = w
+
+    def _popco_reasons(self, p: str, asks: Sequence[Ask], cols: np.ndarray,
+                       mask: np.ndarray, co: np.ndarray, pop: np.ndarray
+                       ) -> list[list[str | None]]:
+        """The popco part's reason where it outweighs the model's (``mask``); ``co`` and
+        ``pop`` [R, n]: each ask's summed co-occurrence and popularity over the catalog."""
+        blend = self.s.cooc_blend
+        out: list[list[str | None]] = [[None] * cols.shape[1] for _ in asks]
+        ids, rows = self.tables.table.ids, self.tables.table.rows(p)
+        for r, j in zip(*np.nonzero(mask), strict=True):
+            a = asks[r]
+            c = int(cols[r, j])
+            top_pop = float(pop[r].max()) if pop.shape[1] else 0.0
+            cmax = float(co[r].max()) if co.shape[1] else 0.0
+            pop_n = pop[r, c] / top_pop if top_pop > 0 else 0.0
+            co_part = blend * co[r, c] / cmax if cmax > 0 else 0.0
+            pop_part = (1.0 - blend) * pop_n if cmax > 0 else pop_n
+            out[r][j] = popco_reason(ids[rows[c]], p, a.co_src, [row_lookup(x) for x in a.co],
+                                     co_part, pop_part)
+        return out
 
     def _row_cols(self, row: Any, p: str) -> tuple[np.ndarray, np.ndarray]:
         """A row's items as platform ``p``'s catalog columns (items not in it dropped)."""
@@ -425,14 +495,19 @@ class ModelServer:
                 out[n] = float(rank[r])
 
     def _tops(self, s: torch.Tensor, k: int, rows: np.ndarray, idx: list[int],
-              out: list[Any]) -> None:
+              out: list[Any]) -> np.ndarray:
+        """Each row's best ``k`` (item, score) into ``out``; returns their catalog columns
+        (-1 where a row has fewer than ``k`` candidates)."""
         vals, cols = torch.topk(s, k, dim=1)  # a partial sort, best first
         ids = self.tables.table.ids
-        vals_l = vals.cpu().numpy().round(5).tolist()
-        gids = rows[cols.cpu().numpy()].tolist()
+        vals_n = vals.cpu().numpy()
+        cols_n = cols.cpu().numpy()
+        vals_l = vals_n.round(5).tolist()
+        gids = rows[cols_n].tolist()
         for r, n in enumerate(idx):
             out[n] = [(ids[g], v) for g, v in zip(gids[r], vals_l[r], strict=True)
                       if math.isfinite(v)]  # -inf: excluded (fewer candidates than k)
+        return np.where(np.isfinite(vals_n), cols_n, -1)
 
     # ------------------------------------------------------------ prequential
     def prequential_asks(self, applied: Sequence[tuple[Any, Sequence[HistEntry]]],

@@ -10,9 +10,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["Interaction", "RecItem", "Recommendations", "DeadLetter", "CatalogItem",
-           "TrainingExample", "HeadVersion", "QualityWindow", "DriftSignal", "DriftReaction",
-           "DriftWindow"]
+__all__ = ["Interaction", "Evidence", "Why", "RecItem", "Recommendations", "DeadLetter",
+           "CatalogItem", "TrainingExample", "HeadVersion", "QualityWindow", "DriftSignal",
+           "DriftReaction", "DriftWindow"]
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
@@ -36,10 +36,35 @@ class Interaction(BaseModel):
     src_offset: int
 
 
+class Evidence(BaseModel):
+    """An item of the user's own history behind a recommendation."""
+
+    model_config = _FROZEN
+    platform: str
+    item: str
+    share: float = Field(ge=0, le=1, description="its part of the reason (the parts sum to 1)")
+
+
+class Why(BaseModel):
+    """Why an item was recommended, machine-readable (README, "Why this item").
+
+    ``history``: the model's attention over the user's history × similarity to the item
+    (``evidence``: the history items that contributed most, any platform); ``similar``:
+    the same for an item nobody has interacted with yet (a new item, known by its text);
+    ``cooccurrence``: people who had the evidence item (on this platform) had this one;
+    ``popular``: popular on ``platform`` (no personal evidence outweighed it)."""
+
+    model_config = _FROZEN
+    kind: Literal["history", "similar", "cooccurrence", "popular"]
+    platform: str | None = Field(None, description="kind popular: where it is popular")
+    evidence: list[Evidence] = Field(default_factory=list)
+
+
 class RecItem(BaseModel):
     model_config = _FROZEN
     item: str
     score: float
+    why: Why | None = Field(None, description="reason, for the best XREC_EXPLAIN_TOP items")
 
 
 class Recommendations(BaseModel):

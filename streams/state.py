@@ -64,10 +64,12 @@ from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from models.popco import SCORER_VERSION, popco_scores
-from streams.records import Interaction, RecItem, Recommendations
+from streams.explain import popco_reasons
+from streams.records import Interaction
 from streams.settings import Settings
 
-__all__ = ["RedisState", "ApplyResult", "Touched", "AggRow", "redis_from_url"]
+__all__ = ["RedisState", "ApplyResult", "Touched", "AggRow", "RecsOut", "redis_from_url",
+           "row_lookup"]
 
 log = logging.getLogger("xrec.state")
 
@@ -100,7 +102,7 @@ class AggRow:
     the first apply it does not reflect. A ranking that must not see a batch's own events
     (prequential evaluation) uses only rows with ``before`` ≤ that batch's number."""
 
-    __slots__ = ("items", "vals", "t", "before", "cols", "cvals", "cols_n")
+    __slots__ = ("items", "vals", "t", "before", "cols", "cvals", "cols_n", "lookup")
 
     def __init__(self, lst: Sequence[tuple[str, float]], before: int) -> None:
         self.items = [str(i) for i, _ in lst]
@@ -112,6 +114,15 @@ class AggRow:
         self.cols: np.ndarray | None = None
         self.cvals: np.ndarray | None = None
         self.cols_n = -1
+        self.lookup: dict[str, float] | None = None  # item → value, made when asked
+
+
+def row_lookup(row: AggRow) -> dict[str, float]:
+    """``row``'s item → value (built once per row, when an explanation needs it)."""
+    d = row.lookup
+    if d is None:
+        d = row.lookup = dict(zip(row.items, row.vals.tolist(), strict=True))
+    return d
 
 
 @dataclass
@@ -126,26 +137,32 @@ class Touched:
 
 
 class RecsOut:
-    """Recommendations from the model path, serialised without building pydantic objects
-    per item (py-spy: ``RecItem.model_construct`` was 12% of the busy worker's main thread,
+    """Recommendations (model path and popco scorer), serialised without building pydantic
+    objects per item (py-spy: ``RecItem.model_construct`` was 12% of the busy worker's main thread,
     then ``json.dumps`` of the item dicts 13% of the recommend agent's). Same JSON as
     :class:`Recommendations`; consumers validate it as that."""
 
     def __init__(self, user: str, platform: str, items: list[tuple[str, float]], scorer: str,
                  event_time: float, produced_at: float, published_at: float,
-                 events: int) -> None:
+                 events: int, why: Sequence[str] | None = None) -> None:
         self.user, self.platform, self.items, self.scorer = user, platform, items, scorer
         self.event_time, self.produced_at = event_time, produced_at
         self.published_at, self.events = published_at, events
+        #: the first items' reasons, as JSON (:mod:`streams.explain`)
+        self.why = why or ()
 
-    def model_dump_json(self) -> str:
+    def model_dump_json(self, **_kw: Any) -> str:
         head = _ITEM_JSON
         parts = []
-        for i, sc in self.items:
+        why, n_why = self.why, len(self.why)
+        for n, (i, sc) in enumerate(self.items):
             pre = head.get(i)
             if pre is None:
                 pre = _item_prefix(i)
-            parts.append(f"{pre}{sc!r}}}")  # float repr is json.dumps' float format
+            if n < n_why:
+                parts.append(f'{pre}{sc!r},"why":{why[n]}}}')
+            else:
+                parts.append(f"{pre}{sc!r}}}")  # float repr is json.dumps' float format
         return (f'{{"user":{_dumps(self.user)},"platform":{_dumps(self.platform)},'
                 f'"items":[{",".join(parts)}],"scorer":{_dumps(self.scorer)},'
                 f'"event_time":{float(self.event_time)!r},'
@@ -372,7 +389,7 @@ class RedisState:
         return {pair: list(lst) for pair, lst in zip(pairs, res, strict=True)}
 
     # -------------------------------------------------------------- recommend
-    async def recommend(self, touched: dict[tuple[str, str], Touched]) -> list[Recommendations]:
+    async def recommend(self, touched: dict[tuple[str, str], Touched]) -> list[RecsOut]:
         if not touched:
             return []
         return await self._retry("recommend", lambda: self._recommend_once(touched))
@@ -416,7 +433,7 @@ class RedisState:
         return out
 
     async def _recommend_once(self, touched: dict[tuple[str, str], Touched]
-                              ) -> list[Recommendations]:
+                              ) -> list[RecsOut]:
         s = self.s
         pop = {p: await self._popular(p) for p in sorted({p for _, p in touched})}
         co = await self._neighbours({(p, i) for (_, p), t in touched.items()
@@ -437,18 +454,20 @@ class RedisState:
             keep.update(await self._unseen(short, ranked, s.rec_k))
         now = time.time()
         out = []
+        n_why = s.explain_top
         for u, p in pairs:
             t = touched[(u, p)]
             lst = ranked[(u, p)]
-            # model_construct: internal, already-typed values; validation here cost ~20% of
-            # the recommend agent's CPU (py-spy, backlog run)
-            out.append(Recommendations.model_construct(
-                user=u, platform=p, items=[RecItem.model_construct(item=lst[i][0],
-                                                                   score=lst[i][1])
-                                           for i in keep[(u, p)]],
-                scorer=SCORER_VERSION, event_time=t.event_time,
-                produced_at=t.produced_at if math.isfinite(t.produced_at) else now,
-                published_at=now, events=t.events))
+            # no pydantic objects: validation here cost ~20% of the recommend agent's CPU
+            # (py-spy, backlog run)
+            items = [lst[i] for i in keep[(u, p)]]
+            why = popco_reasons([i for i, _ in items[:n_why]], p, t.recent_pos,
+                                [co[(p, i)] for i in t.recent_pos], pop[p][1],
+                                pop[p][0][0][1] if pop[p][0] else 0.0, s.cooc_blend) \
+                if n_why else None
+            out.append(RecsOut(u, p, items, SCORER_VERSION, t.event_time,
+                               t.produced_at if math.isfinite(t.produced_at) else now, now,
+                               t.events, why))
         return out
 
     async def _unseen(self, pairs: list[tuple[str, str]],
@@ -461,7 +480,7 @@ class RedisState:
         return {pair: [i - 1 for i in (idx or [])] if isinstance(idx, list) else []
                 for pair, idx in zip(pairs, res, strict=True)}
 
-    async def cache(self, recs: Sequence[tuple[Recommendations, str]]) -> None:
+    async def cache(self, recs: Sequence[tuple[RecsOut, str]]) -> None:
         """Cache each user's latest recommendations: (record, its JSON as published)."""
         if not recs:
             return

@@ -109,6 +109,24 @@ def test_train_agent_in_its_own_worker_and_hot_swap_under_load(stack, ns, worker
     assert by_model and all(x.items for x in by_model[-50:])
     assert any(x.events == 0 for x in by_model)  # cross-platform refresh (no event there)
 
+    # each of the best XREC_EXPLAIN_TOP items says why; the evidence is the user's own
+    # positives (checked for users whose whole history is still in Redis: ≤ XREC_HIST_LEN)
+    whys = [(x.user, w) for x in by_model for w in (i.why for i in x.items[:s.explain_top])]
+    assert whys and all(w is not None for _, w in whys)
+    cited = [(u, w) for u, w in whys if w.evidence]
+    assert {w.kind for _, w in cited} >= {"history"}
+    n_events = {u: sum(int(v) for k, v in r.hgetall(f"{ns}:u:{u}:stats").items()
+                       if k.endswith(":events")) for u in {u for u, _ in cited}}
+    whole = [(u, w) for u, w in cited if n_events[u] <= s.hist_len]
+    assert len(whole) >= 50
+    for u, w in whole:
+        hist = {(h[0], h[1]) for h in map(json.loads, r.zrange(f"{ns}:u:{u}:history", 0, -1))
+                if h[2] == 1}
+        assert {(e.platform, e.item) for e in w.evidence} <= hist
+    cross = [w for x in by_model for i in x.items[:s.explain_top] if (w := i.why) is not None
+             and any(e.platform != x.platform for e in w.evidence)]
+    assert cross  # a recommendation on one platform because of another platform's item
+
     # prequential quality windows
     wait_for(lambda: read_all(stack.bootstrap, t.quality), what="a quality window")
     q = [QualityWindow.model_validate_json(v) for _, v in read_all(stack.bootstrap, t.quality)]

@@ -5,7 +5,7 @@ import asyncio
 import pytest
 import redis as redis_sync
 
-from streams.records import Interaction
+from streams.records import Interaction, Recommendations
 from streams.state import RedisState, redis_from_url
 from tests.conftest import make_settings, redis_dump
 
@@ -83,13 +83,20 @@ def test_recommendations_exclude_consumed_items_and_use_cooccurrence(state):
         res = await state.apply([ev("u3", "z", 8, label=0)])
         return await state.recommend(res.touched)
 
-    (rec,) = run(go())
+    (out,) = run(go())
+    rec = Recommendations.model_validate_json(out.model_dump_json())  # what consumers read
     items = [r.item for r in rec.items]
     assert rec.user == "u3" and rec.platform == "video" and rec.scorer == "popco-1"
     assert "a" not in items and "z" not in items  # consumed, positive or negative
     assert items[0] == "b"  # co-occurs with a, u3's last positive
     assert set(items) == {"b", "c", "d", "e"}
     assert [r.score for r in rec.items] == sorted((r.score for r in rec.items), reverse=True)
+    # the reasons: b, c, d, e co-occur with a, u3's only positive (a is u3's own history)
+    n = state.s.explain_top
+    assert all(r.why is not None for r in rec.items[:n])
+    assert all(r.why is None for r in rec.items[n:])
+    assert rec.items[0].why.kind == "cooccurrence"
+    assert [(e.platform, e.item) for e in rec.items[0].why.evidence] == [("video", "a")]
 
 
 def test_cold_user_on_a_platform_gets_popular_items(state):
@@ -100,8 +107,11 @@ def test_cold_user_on_a_platform_gets_popular_items(state):
         res.touched[("newbie", "video")].recent_pos = []
         return await state.recommend(res.touched)
 
-    (rec,) = run(go())
+    (out,) = run(go())
+    rec = Recommendations.model_validate_json(out.model_dump_json())
     assert [r.item for r in rec.items] == ["hit", "meh"]
+    assert [r.why.kind for r in rec.items] == ["popular", "popular"]  # no history to cite
+    assert rec.items[0].why.platform == "video"
 
 
 def test_popularity_decays_and_rebases_without_overflow(state, stack, ns):

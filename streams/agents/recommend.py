@@ -244,7 +244,7 @@ class Recommender:
         out: list[Any] = []
         fallback: dict[Pair, Touched] = {}
         n_cross = 0
-        for (u, p), items in zip(pairs, answers[len(evals):], strict=True):
+        for (u, p), a, items in zip(pairs, asks, answers[len(evals):], strict=True):
             t = touched.get((u, p))
             if not items:
                 if t is not None:  # nothing the model can rank here: the popco scorer
@@ -253,7 +253,7 @@ class Recommender:
             base = t if t is not None else newest[u]
             out.append(RecsOut(u, p, items, server.scorer, base.event_time,  # type: ignore[arg-type]
                                base.produced_at if math.isfinite(base.produced_at) else now,
-                               now, t.events if t is not None else 0))
+                               now, t.events if t is not None else 0, a.why))
             self.cross.mark((u, p), mono)
             n_cross += t is None
         if fallback:
@@ -275,8 +275,10 @@ class Recommender:
                 a.history, a.platform, win)
             pop = pops.get(a.platform)
             a.pop = pop if pop is not None and pop.before <= lim else None
-            a.co = [r for i in items if (r := cos.get((a.platform, i))) is not None
-                    and r.before <= lim]
+            co = [(i, r) for i in items if (r := cos.get((a.platform, i))) is not None
+                  and r.before <= lim]
+            a.co = [r for _, r in co]
+            a.co_src = [i for i, _ in co]
 
 
 def install(ctx: Context) -> Recommender:
@@ -313,9 +315,15 @@ def install(ctx: Context) -> Recommender:
         @app.timer(s.quality_window_s)
         async def quality() -> None:
             try:
+                m = ctx.metrics
                 for w in server.quality_windows():
                     await ctx.publish(ctx.topics.quality, w.platform.encode(),
                                       w.model_dump_json().encode())
+                    m.quality_events.set(w.n, w.platform, w.cohort)
+                    if w.recall_at_10 is not None:
+                        m.quality_recall.set(w.recall_at_10, w.platform, w.cohort)
+                    if w.ndcg_at_10 is not None:
+                        m.quality_ndcg.set(w.ndcg_at_10, w.platform, w.cohort)
             except Exception:  # a report must never take the worker down
                 log.exception("quality window report failed")
 
