@@ -28,7 +28,7 @@ import faust
 from aiokafka.partitioner import DefaultPartitioner, murmur2
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
-from streams.agents import catalog, normalize, ops, recommend, train
+from streams.agents import api, catalog, normalize, ops, recommend, train
 from streams.agents.context import Context, WorkerMetrics
 from streams.metrics import Counter
 from streams.platforms import PlatformRegistry, load_platforms
@@ -177,6 +177,7 @@ def create_app(settings: Settings, platforms: PlatformRegistry | None = None,
         # only they read the in-memory index; the catalog agent writes vectors to Redis
         catalog.install_index_refresh(ctx)
     ops.install(ctx)
+    api.install(ctx)  # GET /recs/{user}: every worker with a web port (it reads Redis only)
     return app
 
 
