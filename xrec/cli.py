@@ -467,13 +467,24 @@ def tail(what: str, user: str | None, as_json: bool, from_beginning: bool, limit
 @click.option("--account-id", is_flag=True,
               help="USER is a raw shared identity (e.g. account id): derive its key here")
 @click.option("--json", "as_json", is_flag=True)
-def recs(user: str, platform: str, raw_id: bool, account_id: bool, as_json: bool) -> None:
+@click.option("--explain", is_flag=True,
+              help="say why each item was recommended (the best XREC_EXPLAIN_TOP carry a "
+              "reason): the items of the user's history behind it, on any platform, or "
+              "'popular on P'")
+def recs(user: str, platform: str, raw_id: bool, account_id: bool, as_json: bool,
+         explain: bool) -> None:
     """Print a user's cached recommendations on a platform (from Redis).
 
     USER is a user key (the HMAC pseudonym found on every topic). With --raw-id or
     --account-id the key is derived here from a raw id with XREC_PSEUDONYM_SECRET; the raw
     id is never sent anywhere. Events that carry a shared identity are keyed by it, so use
     --account-id for those users.
+
+    \b
+    Example:
+      xrec recs 3f2a9c... --platform video --explain
+        1. v0412   2.913  The Long Night
+           because of m0077 “Midnight Blues” on music (58%) in your history
     """
     from consumers.cache import RecsCache
     from streams.normalize import Pseudonymizer
@@ -501,6 +512,37 @@ def recs(user: str, platform: str, raw_id: bool, account_id: bool, as_json: bool
     for i, r in enumerate(rec.items, 1):
         title = cache.title(p.name, r.item)
         click.echo(f"{i:>3}. {r.item:<14} {r.score:.3f}  {title or ''}")
+        if explain and r.why is not None:
+            from streams.explain import describe
+
+            click.echo(f"     {describe(r.why, cache.title)}")
+
+
+# ------------------------------------------------------------------------- serve
+@cli.command()
+@click.option("--port", type=int, default=6067, show_default=True)
+@click.option("--bind", default="127.0.0.1", show_default=True,
+              help="address to listen on (0.0.0.0: every interface)")
+def serve(port: int, bind: str) -> None:
+    """Serve GET /recs/USER_KEY?platform=P[&k=N][&explain=1] from the Redis cache.
+
+    The same read API every worker with a web port serves (XREC_WEB_PORT), in a process
+    of its own: a worker's page waits for the recommend agent's micro-batches, this one
+    answers at once (README, "Read API"). Reads REDIS_URL, XREC_REDIS_PREFIX and
+    XREC_PLATFORMS_PATH; run as many as you like (they only read).
+
+    \b
+    Example:
+      xrec serve --port 6067 &
+      curl 'localhost:6067/recs/3f2a9c...?platform=video&k=5&explain=1'
+    """
+    from streams.agents.api import main as serve_main
+
+    s = _settings()
+    _need(s.redis_url, "REDIS_URL")
+    click.echo(f"serving GET /recs/{{user_key}} on http://{bind}:{port} (Ctrl-C stops)",
+               err=True)
+    serve_main(["--port", str(port), "--bind", bind])
 
 
 # ----------------------------------------------------------------------- similar
@@ -681,6 +723,63 @@ def eval_cmd(dataset: str | None, events: tuple[str, ...], catalogs: tuple[str, 
         say(f"full report: {report}")
     if as_json:
         click.echo(json.dumps(summary_json(rep)))
+
+
+# ------------------------------------------------------------------------ report
+@cli.command()
+@click.option("--from-eval", "from_eval", type=click.Path(path_type=Path, dir_okay=False),
+              default=None, metavar="FILE",
+              help="draw an `xrec eval --report FILE` run (baselines beside xrec, the time "
+              "axis in events) instead of the running stack")
+@click.option("--out", "-o", type=click.Path(path_type=Path, dir_okay=False),
+              default=Path("report.html"), show_default=True, help="the HTML file to write")
+@click.option("--timeout", default=60.0, show_default=True,
+              help="seconds at most to read the stack's topics (the plots cover what was "
+              "read by then)")
+def report(from_eval: Path | None, out: Path, timeout: float) -> None:
+    """Write one self-contained HTML file with plots (opens offline, no scripts needed).
+
+    \b
+    Of the running stack (KAFKA_BOOTSTRAP_SERVERS; REDIS_URL optional, for when
+    recommenders swapped each head version in), its topics read from the beginning up to
+    what they held when the report started:
+      * prequential recall@10 and NDCG@10 over time per platform, all users and the
+        cross-platform cold-start cohort apart, with drift signals (dashed red) and the
+        trainer's reactions (dotted black) marked on the same time axis
+      * event → recommendation latency p50 / p90 / p99 over time, and throughput
+        (recommendations published per second, per platform)
+      * head versions: how fresh each was (newest training event → published, → in use),
+        versions over time, training loss
+      * dead letters by reason code
+    Of an eval run (--from-eval): NDCG@10 and recall@10 per slice of the stream, for all
+    positives, each platform and the cold-start cohort, every baseline beside xrec, the
+    time axis in events (injected drift marked), and the whole run's table.
+
+    \b
+      xrec report --out stack.html
+      xrec eval --dataset synthetic --sim-events 5000 --report eval.json
+      xrec report --from-eval eval.json --out eval.html
+    """
+    from xrec.report import eval_report, load_eval, read_stack, stack_report
+
+    if from_eval is not None:
+        html = eval_report(load_eval(from_eval), str(from_eval))
+    else:
+        from streams.topics import Topics
+
+        s = _settings()
+        bootstrap = _need(s.kafka_bootstrap_servers, "KAFKA_BOOTSTRAP_SERVERS")
+
+        def say(msg: str) -> None:
+            click.echo(msg, err=True)
+
+        say(f"reading xrec's result topics at {bootstrap} from the beginning ...")
+        data = read_stack(bootstrap, Topics(s), list(_platforms(s)), redis_url=s.redis_url,
+                          redis_prefix=s.redis_prefix, timeout_s=timeout, say=say)
+        html = stack_report(data, bootstrap)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(html, encoding="utf-8")
+    click.echo(f"report: {out.resolve()}")
 
 
 def main() -> None:

@@ -323,6 +323,9 @@ def run_dev(settings: Settings, o: DevOptions) -> int:
             }
             _report(say, summary, collector, cache)
             _similar_example(say, settings, redis_url, cache)
+            if o.once:
+                _write_report(say, workdir / "report.html", bootstrap, topics, platforms,
+                              redis_url, settings.redis_prefix)
             if not o.once:
                 say("\nThe stack stays up. In another shell:\n"
                     f"  export KAFKA_BOOTSTRAP_SERVERS={bootstrap} REDIS_URL={redis_url}"
@@ -499,3 +502,18 @@ def _report(say, summary: dict[str, Any], collector: Collector, cache: Any) -> N
         say(f"  e.g. {rec['platform']:<6} user {rec['user'][:10]}… → " + "; ".join(titles))
     if not summary["drained"]:
         say("WARNING: the worker did not drain every event before the timeout")
+
+
+def _write_report(say, path: Path, bootstrap: str, topics: Topics, platforms: Any,  # type: ignore[no-untyped-def]
+                  redis_url: str, redis_prefix: str) -> None:
+    """``--once`` ends with ``xrec report``'s HTML of this run; a failure here is only said
+    (the run's result is the summary, not the report)."""
+    from xrec.report import read_stack, stack_report
+
+    try:
+        data = read_stack(bootstrap, topics, list(platforms), redis_url=redis_url,
+                          redis_prefix=redis_prefix, timeout_s=60)
+        path.write_text(stack_report(data, bootstrap), encoding="utf-8")
+        say(f"report: {path}")
+    except Exception as exc:  # noqa: BLE001 - reported, never fatal
+        say(f"report not written: {exc}")

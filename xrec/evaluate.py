@@ -24,6 +24,7 @@ from __future__ import annotations
 import heapq
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -211,14 +212,84 @@ def _cinema_platform(work: Path) -> Any:
     return load_platform_file(path)
 
 
-def _synthetic_files(work: Path, events: int, seed: int, drift: Sequence[str] = ()
-                     ) -> tuple[list, list]:
+def _synthetic_files(work: Path, events: int, seed: int, drift: Sequence[str] = (),
+                     injected: list[dict[str, Any]] | None = None) -> tuple[list, list]:
     from producers.simulate import SimConfig, simulate
 
     m = simulate(SimConfig(events=events, seed=seed, drift=list(drift)), work)
+    if injected is not None:  # the simulator's ground truth, for the report's markers
+        injected.extend(m.get("drift", []))
     ev = [(p, work / f) for p, f in m["files"]["events"].items()]
     cat = [(p, work / f) for p, f in m["files"]["catalog"].items()]
     return ev, cat
+
+
+class SeriesRecorder:
+    """Prequential recall@10 / NDCG@10 per method and group, per slice of the stream (every
+    ``every`` events, at micro-batch boundaries), for ``xrec report --from-eval``: how quality
+    moves over the stream, not only its mean. Groups as in the table: ``all``,
+    ``platform:<p>``, ``coldstart``. A slice's value is over the positives ranked in it
+    (``None`` where it ranked none)."""
+
+    def __init__(self, every: int) -> None:
+        self.every = max(1, every)
+        self.events: list[int] = []
+        self.n: dict[str, list[int]] = {}
+        self.sums: dict[str, dict[str, list[list[float]]]] = {}  # group → method → [[hits, ndcg]]
+        self._seen = 0
+        self._cur: dict[tuple[str, str], list[float]] = {}
+        self._cur_n: dict[str, int] = {}
+        self._methods: list[str] = []
+
+    def __call__(self, batch: list[Any], qs: list[Any], ranks: dict[str, list[float | None]]
+                 ) -> None:
+        if not self._methods:
+            self._methods = list(ranks)
+        for i, q in enumerate(qs):
+            if not q.rank_eval:
+                continue
+            groups = ("all", f"platform:{q.platform}") + (("coldstart",) if q.coldstart else ())
+            for g in groups:
+                self._cur_n[g] = self._cur_n.get(g, 0) + 1
+            for m, mr in ranks.items():
+                r = mr[i]
+                if r is None or r >= 10:
+                    continue
+                gain = 1.0 / math.log2(r + 2.0)
+                for g in groups:
+                    acc = self._cur.setdefault((g, m), [0.0, 0.0])
+                    acc[0] += 1.0
+                    acc[1] += gain
+        self._seen += len(batch)
+        if self._seen - (self.events[-1] if self.events else 0) >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        """Close the current slice (``run_eval`` calls it once more after the last batch)."""
+        if self._seen == (self.events[-1] if self.events else 0):
+            return
+        k = len(self.events)
+        self.events.append(self._seen)
+        for g in set(self.n) | set(self._cur_n):
+            self.n.setdefault(g, [0] * k).append(self._cur_n.get(g, 0))
+            for m in self._methods:
+                self.sums.setdefault(g, {}).setdefault(m, [[0.0, 0.0]] * k).append(
+                    self._cur.get((g, m), [0.0, 0.0]))
+        self._cur, self._cur_n = {}, {}
+
+    def report(self) -> dict[str, Any]:
+        """{"every_events", "events": [end of each slice], "groups": {group: {"n": [...],
+        "methods": {method: {"recall@10": [...], "ndcg@10": [...]}}}}}"""
+        groups: dict[str, Any] = {}
+        for g, ns in self.n.items():
+            meth = {}
+            for m, sums in self.sums.get(g, {}).items():
+                meth[m] = {"recall@10": [round(h / n, 5) if n else None
+                                         for (h, _), n in zip(sums, ns, strict=True)],
+                           "ndcg@10": [round(d / n, 5) if n else None
+                                       for (_, d), n in zip(sums, ns, strict=True)]}
+            groups[g] = {"n": ns, "methods": meth}
+        return {"every_events": self.every, "events": self.events, "groups": groups}
 
 
 def run_eval(settings: Settings, platforms: PlatformRegistry, *, dataset: str | None,
@@ -231,6 +302,7 @@ def run_eval(settings: Settings, platforms: PlatformRegistry, *, dataset: str | 
     t_start = time.perf_counter()
     cfg = cfg or EvalConfig()
     dead: dict[str, int] = {}
+    injected: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="xrec-eval-") as tmp:
         work = Path(tmp)
         if dataset in ("movielens-100k", "movielens-100k-genres"):
@@ -239,7 +311,7 @@ def run_eval(settings: Settings, platforms: PlatformRegistry, *, dataset: str | 
             if by_genre:
                 platforms = PlatformRegistry([*platforms.values(), _cinema_platform(work)])
         elif dataset == "synthetic":
-            ev_files, cat_files = _synthetic_files(work, sim_events, seed, sim_drift)
+            ev_files, cat_files = _synthetic_files(work, sim_events, seed, sim_drift, injected)
         elif dataset is None:
             ev_files = [split_spec(e, platforms, "events") for e in events]
             cat_files = [split_spec(c, platforms, "catalog") for c in catalogs]
@@ -258,6 +330,9 @@ def run_eval(settings: Settings, platforms: PlatformRegistry, *, dataset: str | 
     catalog = _encode(settings, texts, say)
     say(f"prequential run: {', '.join(cfg.methods)}; micro-batches of {cfg.batch}")
     pq = Prequential(catalog, cfg)
+    # ~60 slices of whole micro-batches over the stream, for the report's time series
+    series = SeriesRecorder(cfg.batch * max(1, round(len(inter) / 60 / cfg.batch)))
+    pq.observers.append(series)
     if setup is not None:
         setup(pq)
     t0 = time.perf_counter()
@@ -271,13 +346,15 @@ def run_eval(settings: Settings, platforms: PlatformRegistry, *, dataset: str | 
 
     pq.run((Event(x.user, x.platform, x.item, x.label, x.weight, x.event_time) for x in inter),
            total=len(inter), progress=tick)
+    series.flush()
     res = pq.results()
     return {"dataset": dataset or "files", "events": len(inter), "deadlettered": dead,
             "evaluated": pq.evaluated, "results": res, "train": pq.train_stats(),
             "params": pq.params(), "comparison": comparison(pq, res),
             "seconds": round(time.perf_counter() - t_start, 1),
             "prequential_seconds": round(time.perf_counter() - t0, 1),
-            "platforms": sorted({x.platform for x in inter})}
+            "platforms": sorted({x.platform for x in inter}),
+            "series": series.report(), "drift_injected": injected}
 
 
 def _encode(settings: Settings, texts: dict[str, dict[str, str]], say: Callable[[str], None]
