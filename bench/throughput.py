@@ -224,18 +224,18 @@ def main() -> None:
     explain = None
     if a.explain_ab:
         pairs = []
-        for n in range(a.explain_ab):
+        top = Settings.model_fields["explain_top"].default  # "on" = the default, whatever
+        for n in range(a.explain_ab):                        # the shell's environment says
             off, c_off = loop_rate(wd / f"b-off{n}", man, XREC_EXPLAIN_TOP="0")
-            on, c_on = loop_rate(wd / f"b-on{n}", man)
+            on, c_on = loop_rate(wd / f"b-on{n}", man, XREC_EXPLAIN_TOP=str(top))
             log(f"    explanations off {off:,.0f} / on {on:,.0f} events/s "
-                f"(recommend CPU µs/event {c_off.get('recommend')} / {c_on.get('recommend')})")
+                f"(recommend worker CPU µs/event {c_off.get('worker')} / {c_on.get('worker')})")
             pairs.append({"off_events_per_s": round(off, 1), "on_events_per_s": round(on, 1),
                           "cost": round(1 - on / off, 3),
-                          "recommend_cpu_us": [c_off.get("recommend"), c_on.get("recommend")]})
+                          "worker_cpu_us": [c_off.get("worker"), c_on.get("worker")]})
         off_sum = sum(p["off_events_per_s"] for p in pairs)
         on_sum = sum(p["on_events_per_s"] for p in pairs)
-        explain = {"pairs": pairs, "cost": round(1 - on_sum / off_sum, 3),
-                   "top": Settings().explain_top}
+        explain = {"pairs": pairs, "cost": round(1 - on_sum / off_sum, 3), "top": top}
 
     log(f"(c) latency at {a.rate:.0f} events/s over {a.latency_events:,} events ...")
     man2 = simulate(SimConfig(events=a.latency_events, seed=2), wd / "sim2")

@@ -7,9 +7,10 @@ for the best ``XREC_EXPLAIN_TOP`` items of each refresh, on the topic and in the
   so a history item *j* pushes candidate *i* up by about ``a_j × cos(e_j, e_i)`` (its
   attention weight × the similarity of the two items in the shared space). The evidence
   is the one or two history positives with the largest such part, any platform: a video
-  recommended because of a music track says so. ``similar`` when the candidate has no
-  popularity on its platform yet (nobody has consumed it lately: a new or rare item
-  known by its text);
+  recommended because of a music track says so. ``similar`` when the candidate is outside
+  its platform's popular head (the hybrid's popularity row: a new or rarely consumed item,
+  known by its text). No positive with a part: ``popular`` (the model's platform-wide
+  prior decides, as for a user without positives);
 * the hybrid's popularity ⊕ co-occurrence part, when it outweighs the model's part of the
   served score (both are standardised over the catalog): ``cooccurrence`` with the
   recent positive whose co-occurrence row gave the item most, or ``popular``;
@@ -42,10 +43,22 @@ def why_json(kind: str, evidence: Sequence[tuple[str, str, float]] = (),
     if platform is not None:
         parts.append(f'"platform":{_dumps(platform)}')
     if evidence:
-        ev = ",".join(f'{{"platform":{_dumps(p)},"item":{_dumps(i)},"share":{round(sh, 3)!r}}}'
-                      for p, i, sh in evidence)
+        ev = ",".join(f"{_ev_prefix(p, i)}{round(sh, 3)!r}}}" for p, i, sh in evidence)
         parts.append(f'"evidence":[{ev}]')
     return "{" + ",".join(parts) + "}"
+
+
+_EV: dict[tuple[str, str], str] = {}  # (platform, item) → its evidence entry up to the share
+
+
+def _ev_prefix(platform: str, item: str) -> str:
+    key = (platform, item)
+    hit = _EV.get(key)
+    if hit is None:
+        if len(_EV) > 1_000_000:
+            _EV.clear()
+        hit = _EV[key] = f'{{"platform":{_dumps(platform)},"item":{_dumps(item)},"share":'
+    return hit
 
 
 def popular(platform: str) -> str:
@@ -55,65 +68,77 @@ def popular(platform: str) -> str:
     return hit
 
 
-def _evidence(c: Sequence[float], j: Sequence[int], gids: Sequence[int], total: float,
-              ids: Sequence[str], plat_of: Callable[[int], str]
-              ) -> list[tuple[str, str, float]]:
-    """The best history items by their summed parts (an item may fill several positions)."""
-    acc: dict[int, float] = {}
-    for v, pos in zip(c, j, strict=True):
-        if v > 0:
-            g = gids[pos]
-            acc[g] = acc.get(g, 0.0) + v
-    best = sorted(acc.items(), key=lambda kv: -kv[1])[:_EVIDENCE]
-    return [(plat_of(g), ids[g], min(1.0, v / total)) for g, v in best]
+def _merge_repeats(hist: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Each history row's weights with an item's repeats summed into its first position
+    (zero elsewhere): a_j × cos(e_j, e_i) summed over an item's positions is then one
+    position's part, so the best parts are the best distinct items."""
+    r_n, length = hist.shape
+    key = (np.arange(r_n, dtype=np.int64)[:, None] * (int(hist.max(initial=0)) + 2)
+           + hist + 1).ravel()
+    _, first, inv = np.unique(key, return_index=True, return_inverse=True)
+    out = np.zeros(r_n * length)
+    out[first] = np.bincount(inv.ravel(), weights=w.ravel())
+    return out.reshape(r_n, length)
 
 
 def model_reasons(emb: Any, top: np.ndarray, hist: np.ndarray, positive: np.ndarray,
                   att: Any, ids: Sequence[str], plat_of: Callable[[int], str],
                   platform: str, new: np.ndarray | None = None,
-                  popco: list[list[str | None]] | None = None) -> list[list[str]]:
+                  popco: list[list[str | None]] | None = None,
+                  memo: dict[int, str] | None = None) -> list[list[str]]:
     """Reasons for ``top`` [R, n] (item rows, -1 = none) of R rankings on ``platform``.
 
     ``hist`` [R, L] the rankings' history rows (-1 = padding), ``positive`` [R, L] which
     of them were positive, ``att`` [R, L] the tower's attention weights on them, ``emb``
-    the served item embeddings (unit norm). ``new`` [R, n]: the item has no popularity
-    (``similar`` instead of ``history``). ``popco[r][j]``: a reason already decided by the
-    hybrid's popco part (used as is)."""
+    the served item embeddings (unit norm). ``new`` [R, n]: the item is outside the
+    popular head (``similar`` instead of ``history``). ``popco[r][j]``: a reason already
+    decided by the hybrid's popco part (used as is). ``memo``: item row → its evidence
+    entry's JSON up to the share, kept by the caller while rows keep their items."""
     import torch  # here: the popco path (streams.state) imports this module without it
 
     r_n, n = top.shape
-    if not r_n or not n:
-        return [[] for _ in range(r_n)]
+    if not r_n or not n or not hist.shape[1]:
+        return [[popular(platform)] * int((row >= 0).sum()) for row in top]
+    w = _merge_repeats(hist, att.detach().cpu().numpy() * (positive & (hist >= 0)))
     with torch.inference_mode():
         dev = emb.device
         et = emb[torch.from_numpy(np.maximum(top, 0)).to(dev)]  # [R, n, d]
         eh = emb[torch.from_numpy(np.maximum(hist, 0)).to(dev)]  # [R, L, d]
-        w = att.to(torch.float32) * torch.from_numpy(positive & (hist >= 0)).to(dev)
-        part = torch.bmm(et, eh.transpose(1, 2)).clamp_(min=0) * w[:, None, :]  # [R, n, L]
+        wt = torch.from_numpy(w).to(dtype=et.dtype, device=dev)
+        part = torch.bmm(et, eh.transpose(1, 2)).clamp_(min=0) * wt[:, None, :]  # [R, n, L]
         total = part.sum(-1)
-        kk = min(2 * _EVIDENCE, part.shape[-1])
-        pv, pj = part.topk(kk, dim=-1) if kk else (part, part.long())
-        pv_l, pj_l, tot_l = pv.tolist(), pj.tolist(), total.tolist()
-    hist_l, top_l = hist.tolist(), top.tolist()
+        pv, pj = part.topk(min(_EVIDENCE, part.shape[-1]), dim=-1)
+        share = (pv / total.clamp(min=1e-30)[..., None]).clamp_(max=1.0).cpu().numpy()
+        cited = (pv > 0).cpu().numpy()
+        pj_n = pj.cpu().numpy()
+        tot_l = (total > 0).cpu().numpy().tolist()
+    gids = np.take_along_axis(hist[:, None, :], pj_n, axis=2)  # [R, n, E] evidence rows
+    share_l, gid_l, cited_l = share.round(3).tolist(), gids.tolist(), cited.tolist()
+    counts = (top >= 0).sum(1).tolist()
     new_l = new.tolist() if new is not None else None
+    pop = popular(platform)
+    pref = memo if memo is not None else {}
+
+    def head(g: int) -> str:
+        h = pref[g] = _ev_prefix(plat_of(g), ids[g])
+        return h
+
     out: list[list[str]] = []
     for r in range(r_n):
         row: list[str] = []
-        for j in range(n):
-            if top_l[r][j] < 0:
-                break
-            fixed = popco[r][j] if popco is not None else None
-            if fixed is not None:
-                row.append(fixed)
-                continue
-            tot = tot_l[r][j]
-            ev = _evidence(pv_l[r][j], pj_l[r][j], hist_l[r], tot, ids, plat_of) \
-                if tot > 0 else []
-            if not ev:
-                row.append(popular(platform))
+        fixed_r = popco[r] if popco is not None else None
+        new_r = new_l[r] if new_l is not None else None
+        for j, (has, gs, ss, cs) in enumerate(zip(tot_l[r][:counts[r]], gid_l[r], share_l[r],
+                                                  cited_l[r], strict=False)):  # the first ones
+            if fixed_r is not None and fixed_r[j] is not None:
+                row.append(fixed_r[j])
+            elif not has:
+                row.append(pop)
             else:
-                row.append(why_json("similar" if new_l is not None and new_l[r][j]
-                                    else "history", ev))
+                ev = ",".join([f"{pref.get(g) or head(g)}{sh!r}}}"
+                               for g, sh, c in zip(gs, ss, cs, strict=True) if c])
+                kind = "similar" if new_r is not None and new_r[j] else "history"
+                row.append(f'{{"kind":"{kind}","evidence":[{ev}]}}')
         out.append(row)
     return out
 
@@ -127,7 +152,7 @@ def popco_reason(item: str, platform: str, recent: Sequence[str],
     if co_part > 0 and co_part >= pop_part:
         best, src = 0.0, None
         parts = []
-        for k, (r_item, row) in enumerate(zip(recent, rows, strict=False)):
+        for k, (r_item, row) in enumerate(zip(recent, rows, strict=True)):
             v = row.get(item, 0.0) / (k + 1) if row else 0.0
             parts.append(v)
             if v > best:
@@ -175,5 +200,5 @@ def describe(why: Any, title: Callable[[str, str], str | None] | None = None) ->
     if kind == "cooccurrence":
         return f"people who had {ev} had this too"
     if kind == "similar":
-        return f"new here, similar to {ev} in your history"
+        return f"not among the popular ones, similar to {ev} in your history"
     return f"because of {ev} in your history"

@@ -198,6 +198,8 @@ class ModelServer:
         self.device = pick_device(settings.train_device)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xrec-heads")
         self.quality: dict[tuple[str, str], RankingStats] = {}
+        #: (item table, its row → evidence JSON prefix) for explanations
+        self._why_memo: tuple[Any, dict[int, str]] = (None, {})
         self.window_start = time.time()
         #: drift reaction: (from, until) event time; histories then start at ``from``
         self.horizon: tuple[float, float] | None = None
@@ -401,21 +403,23 @@ class ModelServer:
         else:
             co = np.zeros((len(asks), n))
         pc = np.empty_like(co)
-        pvs = np.zeros((len(asks), n)) if parts else None
+        pv_of: list[np.ndarray | None] = [None] * len(asks)  # per ask: its popularity row
         for row, rs in groups.values():  # one per platform and stage, at most two
             pv = np.zeros(n)
             if row is not None:
                 c, v = self._row_cols(row, p)
                 pv[c] = v
+                for r in rs:
+                    pv_of[r] = pv
             pc[rs] = popco_dense(co[rs], pv, self.s.cooc_blend)
-            if pvs is not None:
-                pvs[rs] = pv
         pcz = standardised(pc)
         mu = s.mean(dim=1, keepdim=True)
         sd = s.std(dim=1, correction=0, keepdim=True)
         z = (s - mu) / torch.where(sd > 0, sd, torch.ones_like(sd))
         hyb = self.s.hybrid_weight * torch.from_numpy(pcz).to(z.dtype).to(z.device)
-        return z + hyb, ({"model": z, "popco": hyb, "co": co, "pop": pvs} if parts else None)
+        if not parts:
+            return z + hyb, None
+        return z + hyb, {"model": z, "popco": hyb, "co": co, "pv": pv_of}
 
     def _explain(self, cur: _Served, p: str, asks: Sequence[Ask], cols: np.ndarray,
                  hist: np.ndarray, positive: np.ndarray, att: torch.Tensor,
@@ -428,37 +432,44 @@ class ModelServer:
         top = np.where(cols >= 0, rows[np.maximum(cols, 0)], -1)
         new = popco = None
         if parts is not None:
-            r_i = np.arange(len(asks))[:, None]
             c0 = np.maximum(cols, 0)
-            pop = parts["pop"][r_i, c0]
-            new = pop <= 0
-            by_popco = (parts["popco"][torch.as_tensor(r_i), torch.as_tensor(c0)]
-                        > parts["model"][torch.as_tensor(r_i), torch.as_tensor(c0)]).numpy()
+            # an item outside the platform's popular head (only where the ask has that row)
+            new = np.asarray([pv[c0[r]] <= 0 if pv is not None else np.zeros(n, bool)
+                              for r, pv in enumerate(parts["pv"])]).reshape(cols.shape)
+            r_t = torch.arange(len(asks))[:, None]
+            c_t = torch.from_numpy(c0)
+            by_popco = (parts["popco"].cpu()[r_t, c_t] > parts["model"].cpu()[r_t, c_t]).numpy()
             by_popco &= cols >= 0
             if by_popco.any():
-                popco = self._popco_reasons(p, asks, cols, by_popco, parts["co"],
-                                            parts["pop"])
+                popco = self._popco_reasons(p, asks, cols, by_popco, parts["co"], parts["pv"])
         t = self.tables.table
         plats, plat = t.platforms, t.plat
+        if self._why_memo[0] is not t:  # rows keep their items while the table lives
+            self._why_memo = (t, {})
         why = model_reasons(cur.tower.emb, top, hist, positive, att, t.ids,
-                            lambda g: plats[plat[g]], p, new, popco)
+                            lambda g: plats[plat[g]], p, new, popco, self._why_memo[1])
         for a, w in zip(asks, why, strict=True):
             a.why = w
 
     def _popco_reasons(self, p: str, asks: Sequence[Ask], cols: np.ndarray,
-                       mask: np.ndarray, co: np.ndarray, pop: np.ndarray
+                       mask: np.ndarray, co: np.ndarray, pv_of: Sequence[np.ndarray | None]
                        ) -> list[list[str | None]]:
-        """The popco part's reason where it outweighs the model's (``mask``); ``co`` and
-        ``pop`` [R, n]: each ask's summed co-occurrence and popularity over the catalog."""
+        """The popco part's reason where it outweighs the model's (``mask``): ``co`` [R, n]
+        each ask's summed co-occurrence over the catalog, ``pv_of`` its popularity row."""
         blend = self.s.cooc_blend
         out: list[list[str | None]] = [[None] * cols.shape[1] for _ in asks]
         ids, rows = self.tables.table.ids, self.tables.table.rows(p)
+        maxes: dict[int, tuple[float, float]] = {}  # per ask: (popularity max, co max)
         for r, j in zip(*np.nonzero(mask), strict=True):
             a = asks[r]
             c = int(cols[r, j])
-            top_pop = float(pop[r].max()) if pop.shape[1] else 0.0
-            cmax = float(co[r].max()) if co.shape[1] else 0.0
-            pop_n = pop[r, c] / top_pop if top_pop > 0 else 0.0
+            pv = pv_of[r]
+            mx = maxes.get(r)
+            if mx is None:
+                mx = maxes[r] = (float(pv.max()) if pv is not None and pv.size else 0.0,
+                                 float(co[r].max()) if co.shape[1] else 0.0)
+            top_pop, cmax = mx
+            pop_n = pv[c] / top_pop if pv is not None and top_pop > 0 else 0.0
             co_part = blend * co[r, c] / cmax if cmax > 0 else 0.0
             pop_part = (1.0 - blend) * pop_n if cmax > 0 else pop_n
             out[r][j] = popco_reason(ids[rows[c]], p, a.co_src, [row_lookup(x) for x in a.co],

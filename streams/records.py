@@ -42,7 +42,8 @@ class Evidence(BaseModel):
     model_config = _FROZEN
     platform: str
     item: str
-    share: float = Field(ge=0, le=1, description="its part of the reason (the parts sum to 1)")
+    share: float = Field(ge=0, le=1, description="its part of the reason (of all the history's "
+                         "parts: the named ones sum to at most 1)")
 
 
 class Why(BaseModel):
@@ -50,9 +51,10 @@ class Why(BaseModel):
 
     ``history``: the model's attention over the user's history × similarity to the item
     (``evidence``: the history items that contributed most, any platform); ``similar``:
-    the same for an item nobody has interacted with yet (a new item, known by its text);
-    ``cooccurrence``: people who had the evidence item (on this platform) had this one;
-    ``popular``: popular on ``platform`` (no personal evidence outweighed it)."""
+    the same for an item outside the platform's popular head (new, or rarely consumed:
+    known by its text); ``cooccurrence``: people who had the evidence item (on this
+    platform) had this one; ``popular``: nothing personal, what ``platform``'s users like
+    (its popularity, or the model's platform-wide prior for a user without positives)."""
 
     model_config = _FROZEN
     kind: Literal["history", "similar", "cooccurrence", "popular"]

@@ -89,7 +89,7 @@ class Settings(BaseSettings):
         "(popularity ⊕ co-occurrence), both standardised over the platform's catalog; "
         "0 = the model alone (README, Quality)")
     explain_top: int = Field(
-        5, ge=0, le=1000, description="the best this many items of each refresh carry a "
+        3, ge=0, le=1000, description="the best this many items of each refresh carry a "
         "reason (items[].why: README, Why this item); 0 = none")
     recs_ttl_s: int = Field(7 * 86400, ge=60)
     eid_keep: int = Field(500, ge=10, description="event ids remembered per user for dedup")

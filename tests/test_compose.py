@@ -150,3 +150,13 @@ def test_the_dashboard_only_queries_what_the_worker_exports():
                  "xrec_deadlettered_total", "xrec_events_in_total",
                  "xrec_recommendations_total"):
         assert name in used, name
+
+
+def test_compose_serves_the_read_api_apart():
+    svc = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    api = svc["api"]
+    assert api["command"][:2] == ["xrec", "serve"] and "0.0.0.0" in api["command"]
+    port = api["command"][api["command"].index("--port") + 1]
+    assert any(str(p).endswith(f":{port}:{port}") for p in api["ports"])
+    assert api["environment"]["REDIS_URL"] == svc["worker"]["environment"]["REDIS_URL"]
+    assert f":{port}/healthz" in " ".join(api["healthcheck"]["test"])

@@ -28,7 +28,7 @@ def history(rng, n, plats=PLATS, label=None):
 
 def test_model_reasons_name_only_the_users_own_positives(server):  # noqa: F811
     srv, ids, rng = server
-    assert srv.s.explain_top == 5
+    srv.s.explain_top = 5
     asks = [Ask(history(rng, int(rng.integers(1, 12))), PLATS[n % 3], T) for n in range(30)]
     asks.append(Ask(history(rng, 6, label=0), "video", T))  # negatives only: nothing to cite
     asks.append(Ask(history(rng, 8, plats=("music",), label=1), "video", T))  # cross-platform
@@ -58,6 +58,7 @@ def test_model_reasons_name_only_the_users_own_positives(server):  # noqa: F811
 def test_model_evidence_is_attention_times_similarity(server):  # noqa: F811
     """The vectorised reasons equal a per-item loop over a_j × cos(e_j, e_i)."""
     srv, ids, rng = server
+    srv.s.explain_top = 5
     hist = history(rng, 10, label=1)
     a = Ask(hist, "shop", T)
     (items,) = srv.answer([a], k=5)
@@ -82,6 +83,7 @@ def test_model_evidence_is_attention_times_similarity(server):  # noqa: F811
 
 def test_hybrid_reasons_say_cooccurrence_or_popular_where_popco_decides(server):  # noqa: F811
     srv, ids, rng = server
+    srv.s.explain_top = 5
     srv.s.hybrid_weight = 50.0  # popco's part outweighs the model's for every item
     src = "music-3"
     hist = [("music", src, 1, T - 5.0), ("video", "video-1", 1, T - 9.0)]
@@ -112,6 +114,7 @@ def test_hybrid_reasons_say_cooccurrence_or_popular_where_popco_decides(server):
 
 def test_reasons_off_and_on_the_wire(server):  # noqa: F811
     srv, ids, rng = server
+    srv.s.explain_top = 5
     a = Ask(history(rng, 5, label=1), "video", T)
     (items,) = srv.answer([a], k=8)
     rec = RecsOut("u" * 16, "video", items, "xrec-heads-v1", T, T, T + 1, 1, a.why)

@@ -17,11 +17,12 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from streams.agents.api import ApiError, _shape, parse_query
-from streams.records import Evidence, Interaction, RecItem, Recommendations, Why
+from streams.records import Evidence, Interaction, Recommendations, Why
 from streams.settings import Settings
 from streams.state import RecsOut, RedisState, redis_from_url
 from tests.conftest import create_all_topics, make_settings, settings_env
@@ -89,14 +90,13 @@ def test_cached_recs_k_and_explain(api):
     base, s = api
     hit = RecsOut("u-hit", "music", [(f"m{i}", 1.0 - i / 10) for i in range(5)], "popco-2",
                   T0, T0 + 1, T0 + 1.05, 3).model_dump_json()
-    why = Why.model_validate(WHY_HIST)
-    explained = Recommendations(
-        user="u-hit", platform="video", scorer="heads-7", event_time=T0, produced_at=T0,
-        published_at=T0 + 0.1, events=1,
-        items=[RecItem(item="v1", score=2.0, why=why),
-               RecItem(item="v2", score=1.5, why=Why(kind="cooccurrence", evidence=[
-                   Evidence(platform="video", item="v9", share=1.0)])),
-               RecItem(item="v3", score=1.0)]).model_dump_json()
+    why = [Why.model_validate(WHY_HIST).model_dump_json(),
+           Why(kind="cooccurrence", evidence=[Evidence(platform="video", item="v9", share=1.0)]
+               ).model_dump_json()]
+    # as the recommend agent writes it: reasons on the first items only, no key after them
+    explained = RecsOut("u-hit", "video", [("v1", 2.0), ("v2", 1.5), ("v3", 1.0)], "heads-7",
+                        T0, T0, T0 + 0.1, 1, why).model_dump_json()
+    assert '"why"' not in json.dumps(json.loads(explained)["items"][2])
     write(s, [], [("music", "u-hit", hit), ("video", "u-hit", explained)])
 
     code, body = get(f"{base}/recs/u-hit?platform=music")
@@ -116,7 +116,7 @@ def test_cached_recs_k_and_explain(api):
     assert body["items"][0]["why"] == WHY_HIST
     assert body["items"][1]["why"]["kind"] == "cooccurrence"
     code, body = get(f"{base}/recs/u-hit?platform=video&explain=true")
-    assert body["items"][2]["why"] is None  # beyond the explained head: kept as cached
+    assert "why" not in body["items"][2]  # beyond the explained head: as cached
 
 
 def test_unknown_user_is_a_documented_404(api):
@@ -198,13 +198,17 @@ def test_shape_keeps_unknown_fields_and_drops_why():
 
 
 def test_standalone_server_answers_the_same(api, tmp_path):
-    """``python -m streams.agents.api``: the page alone in its own process."""
+    """``xrec serve`` (``python -m streams.agents.api``): the page alone in its process."""
     from xrec.stack import Service, _popen
 
     base, s = api
+    write(s, [("alone-u", "music", "m1", 1.0)],
+          [("video", "alone-u", RecsOut("alone-u", "video", [("v1", 1.0)], "heads-1", T0, T0,
+                                        T0, 1, []).model_dump_json())])
     port = free_port()
-    proc, log_path, fh = _popen("api", [sys.executable, "-m", "streams.agents.api", "--port",
-                                        str(port)], tmp_path, {**os.environ, **settings_env(s)})
+    xrec = str(Path(sys.executable).with_name("xrec"))
+    proc, log_path, fh = _popen("api", [xrec, "serve", "--port", str(port)], tmp_path,
+                                {**os.environ, **settings_env(s)})
     svc = Service("api", proc, "", log_path, fh)
     try:
         alone = f"http://127.0.0.1:{port}"
@@ -216,8 +220,10 @@ def test_standalone_server_answers_the_same(api, tmp_path):
             except OSError:
                 assert time.monotonic() < deadline, svc.log_tail()
                 time.sleep(0.2)
-        for path in ("/recs/cold?platform=music&explain=1", "/recs/u-hit?platform=video&k=1",
-                     "/recs/nobody?platform=music", "/recs/u-hit?platform=tv"):
-            assert get(alone + path) == get(base + path), path
+        for path, code in (("/recs/alone-u?platform=music&explain=1", 200),  # fallback
+                           ("/recs/alone-u?platform=video&k=1", 200), ("/recs/nobody?platform"
+                           "=music", 404), ("/recs/alone-u?platform=tv", 400)):
+            got = get(alone + path)
+            assert got[0] == code and got == get(base + path), path
     finally:
         svc.stop()

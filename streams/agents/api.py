@@ -5,9 +5,10 @@ writes (``recs:<platform>:<user>``, see :mod:`streams.state`).
 Every worker with a web port serves it: the page only reads Redis, so any worker answers
 the same. ``xrec dev`` opens the port on the recommend worker only. The page shares that
 worker's event loop with the recommend agent, whose micro-batches hold the loop for
-milliseconds at a time, so a request that arrives during one waits for it;
-``python -m streams.agents.api`` serves the same page from a process of its own (bare
-aiohttp, nothing else on its loop) where latency matters (bench/recs_api.py measures both).
+milliseconds at a time, so a request that arrives during one waits for it; ``xrec serve``
+(``python -m streams.agents.api``) serves the same page from a process of its own (bare
+aiohttp, nothing else on its loop) where latency matters (bench/recs_api.py measures both;
+docker-compose runs it as the ``api`` service).
 
 Responses (JSON):
 
