@@ -321,7 +321,7 @@ def run_dev(settings: Settings, o: DevOptions) -> int:
                 **_heads_summary(cache, snap),
                 "drift_expected": [f"{d['kind']}@{d['at_event']}" for d in manifest["drift"]],
             }
-            _report(say, summary, collector, cache)
+            example = _report(say, summary, collector, cache)
             _similar_example(say, settings, redis_url, cache)
             if o.once:
                 _write_report(say, workdir / "report.html", bootstrap, topics, platforms,
@@ -331,7 +331,11 @@ def run_dev(settings: Settings, o: DevOptions) -> int:
                     f"  export KAFKA_BOOTSTRAP_SERVERS={bootstrap} REDIS_URL={redis_url}"
                     + (" XREC_ENV=dev" if settings.pseudonym_secret is None else "") +
                     f"\n  xrec tail video\n  xrec replay {sim / 'music.events.jsonl'} "
-                    "--platform music --rate 100\nCtrl-C stops everything.")
+                    "--platform music --rate 100\n"
+                    + (f"  xrec recs {example[0]} --platform {example[1]} --explain\n"
+                       if example else "")
+                    + "  xrec serve --port 6067    # GET /recs/USER_KEY?platform=P&explain=1\n"
+                    "  xrec report --out report.html\nCtrl-C stops everything.")
                 stop_live.clear()
                 _live(say, tty, collector, cache, base, sent, manifest, stop_live,
                       interval=2.0)
@@ -470,7 +474,8 @@ def _r3(x: float) -> float:
     return round(float(x), 3)
 
 
-def _report(say, summary: dict[str, Any], collector: Collector, cache: Any) -> None:  # type: ignore[no-untyped-def]
+def _report(say, summary: dict[str, Any], collector: Collector, cache: Any
+            ) -> tuple[str, str] | None:  # type: ignore[no-untyped-def]
     say("")
     say(f"events {summary['events']:,} ({summary['valid_events']:,} valid) → applied "
         f"{summary['applied']:,}, duplicates {summary['duplicates']}")
@@ -494,14 +499,22 @@ def _report(say, summary: dict[str, Any], collector: Collector, cache: Any) -> N
             f"over {q['n']:,} positives (ranked before the model saw them)")
     with collector.lock:
         samples = list(collector.last_recs.values())
+    example = None
     for rec in samples:
         titles = []
         for r in rec["items"][:4]:
             t = cache.title(rec["platform"], r["item"])
             titles.append(t or r["item"])
         say(f"  e.g. {rec['platform']:<6} user {rec['user'][:10]}… → " + "; ".join(titles))
+        why = rec["items"][0].get("why") if rec["items"] else None
+        if why:
+            from streams.explain import describe
+
+            say(f"       first one: {describe(why, cache.title)}")
+        example = example or (rec["user"], rec["platform"])
     if not summary["drained"]:
         say("WARNING: the worker did not drain every event before the timeout")
+    return example
 
 
 def _write_report(say, path: Path, bootstrap: str, topics: Topics, platforms: Any,  # type: ignore[no-untyped-def]
