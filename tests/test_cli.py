@@ -17,7 +17,7 @@ from tests.kafka_util import read_all
 from xrec.cli import cli
 
 COMMANDS = ["dev", "worker", "topics", "platforms", "simulate", "replay", "catalog", "tail",
-            "recs", "health"]
+            "recs", "serve", "report", "health"]
 
 
 def invoke(args, env=None):
@@ -143,6 +143,31 @@ def test_recs_derives_keys_from_raw_ids_locally(stack, ns):
     assert json.loads(out)["items"][0]["item"] == "vid-b"
     res = CliRunner().invoke(cli, ["recs", "nobody", "--platform", "video"], env=env)
     assert res.exit_code == 1 and "no cached recommendations" in res.output
+
+
+def test_recs_explain_says_why_in_words(stack, ns):
+    import redis as redis_sync
+
+    from streams.explain import why_json
+    from streams.state import RecsOut
+
+    r = redis_sync.Redis.from_url(stack.redis_url)
+    r.hset(f"{ns}:item:music:trk-7", "text", "Midnight Blues. A slow jazz track")
+    rec = RecsOut("u-explain", "video", [("vid-1", 2.5), ("vid-2", 1.0), ("vid-3", 0.5)],
+                  "xrec-heads-v3", 1.0, 1.0, 2.0, 1,
+                  [why_json("history", [("music", "trk-7", 0.58)]),
+                   why_json("popular", platform="video")])
+    r.set(f"{ns}:recs:video:u-explain", rec.model_dump_json())
+    env = {"REDIS_URL": stack.redis_url, "XREC_REDIS_PREFIX": f"{ns}:", "XREC_ENV": "dev"}
+    out = invoke(["recs", "u-explain", "--platform", "video", "--explain"], env=env).output
+    lines = out.splitlines()
+    at = next(n for n, ln in enumerate(lines) if "vid-1" in ln)
+    assert lines[at + 1].strip() == ("because of trk-7 “Midnight Blues” on music (58%) "
+                                     "in your history")
+    assert "popular on video" in lines[at + 3]
+    assert "because" not in out.split("vid-3")[1]  # the third item carries no reason
+    plain = invoke(["recs", "u-explain", "--platform", "video"], env=env).output
+    assert "because" not in plain and "popular on" not in plain
 
 
 def test_tail_prints_recommendations_and_dead_letters(stack, ns):
