@@ -83,22 +83,24 @@ def _merge_repeats(hist: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 def model_reasons(emb: Any, top: np.ndarray, hist: np.ndarray, positive: np.ndarray,
                   att: Any, ids: Sequence[str], plat_of: Callable[[int], str],
-                  platform: str, new: np.ndarray | None = None,
+                  platform: str | Sequence[str], new: np.ndarray | None = None,
                   popco: list[list[str | None]] | None = None,
                   memo: dict[int, str] | None = None) -> list[list[str]]:
     """Reasons for ``top`` [R, n] (item rows, -1 = none) of R rankings on ``platform``.
 
     ``hist`` [R, L] the rankings' history rows (-1 = padding), ``positive`` [R, L] which
     of them were positive, ``att`` [R, L] the tower's attention weights on them, ``emb``
-    the served item embeddings (unit norm). ``new`` [R, n]: the item is outside the
+    the served item embeddings (unit norm); ``platform``: the rankings' platform (one, or
+    one per ranking). ``new`` [R, n]: the item is outside the
     popular head (``similar`` instead of ``history``). ``popco[r][j]``: a reason already
     decided by the hybrid's popco part (used as is). ``memo``: item row → its evidence
     entry's JSON up to the share, kept by the caller while rows keep their items."""
     import torch  # here: the popco path (streams.state) imports this module without it
 
     r_n, n = top.shape
+    plat_r = [platform] * r_n if isinstance(platform, str) else list(platform)
     if not r_n or not n or not hist.shape[1]:
-        return [[popular(platform)] * int((row >= 0).sum()) for row in top]
+        return [[popular(q)] * int((row >= 0).sum()) for q, row in zip(plat_r, top, strict=True)]
     w = _merge_repeats(hist, att.detach().cpu().numpy() * (positive & (hist >= 0)))
     with torch.inference_mode():
         dev = emb.device
@@ -116,7 +118,6 @@ def model_reasons(emb: Any, top: np.ndarray, hist: np.ndarray, positive: np.ndar
     share_l, gid_l, cited_l = share.round(3).tolist(), gids.tolist(), cited.tolist()
     counts = (top >= 0).sum(1).tolist()
     new_l = new.tolist() if new is not None else None
-    pop = popular(platform)
     pref = memo if memo is not None else {}
 
     def head(g: int) -> str:
@@ -126,6 +127,7 @@ def model_reasons(emb: Any, top: np.ndarray, hist: np.ndarray, positive: np.ndar
     out: list[list[str]] = []
     for r in range(r_n):
         row: list[str] = []
+        pop = popular(plat_r[r])
         fixed_r = popco[r] if popco is not None else None
         new_r = new_l[r] if new_l is not None else None
         for j, (has, gs, ss, cs) in enumerate(zip(tot_l[r][:counts[r]], gid_l[r], share_l[r],

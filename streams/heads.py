@@ -321,6 +321,7 @@ class ModelServer:
             tau = float(model.tau)
         if clock is not None:
             clock.lap("tower")
+        pending: list[tuple[Any, ...]] = []  # explanations to make, per platform
         by_p: dict[str, tuple[list[int], list[int]]] = {}
         for n, a in enumerate(asks):
             by_p.setdefault(a.platform, ([], []))[a.target is None].append(n)
@@ -368,10 +369,15 @@ class ModelServer:
                         cols = self._tops(s, min(k, n_items), t.rows(p), idx, out)
                 if why:
                     assert att_all is not None
-                    self._explain(cur, p, [asks[n] for n in idx], cols, h.gid[idx],
-                                  h.label[idx] == 1, att_all[sel], parts)
+                    pending.append(self._explain_prep(p, [asks[n] for n in idx], cols,
+                                                      h.gid[idx], h.label[idx] == 1,
+                                                      att_all[sel], parts))
                 if clock is not None:
                     clock.lap(stage)
+        if pending:  # one pass for every platform's rankings of the batch
+            self._explain(cur, pending)
+            if clock is not None:
+                clock.lap("rank")
         return out
 
     def _hybrid(self, s: torch.Tensor, asks: Sequence[Ask], p: str, n: int,
@@ -421,11 +427,13 @@ class ModelServer:
             return z + hyb, None
         return z + hyb, {"model": z, "popco": hyb, "co": co, "pv": pv_of}
 
-    def _explain(self, cur: _Served, p: str, asks: Sequence[Ask], cols: np.ndarray,
-                 hist: np.ndarray, positive: np.ndarray, att: torch.Tensor,
-                 parts: dict[str, Any] | None) -> None:
-        """Each ask's ``why``: reasons for its best ``XREC_EXPLAIN_TOP`` items
-        (:mod:`streams.explain`). ``cols``: their catalog columns, best first (-1 = none)."""
+    def _explain_prep(self, p: str, asks: Sequence[Ask], cols: np.ndarray, hist: np.ndarray,
+                      positive: np.ndarray, att: torch.Tensor, parts: dict[str, Any] | None
+                      ) -> tuple[Any, ...]:
+        """What :meth:`_explain` needs of one platform's rankings: their best
+        ``XREC_EXPLAIN_TOP`` items as table rows (``cols``: catalog columns, best first,
+        -1 = none), which are outside the popular head, and the reasons the hybrid's popco
+        part decides."""
         n = min(self.s.explain_top, cols.shape[1])
         cols = cols[:, :n]
         rows = self.tables.table.rows(p)
@@ -442,12 +450,36 @@ class ModelServer:
             by_popco &= cols >= 0
             if by_popco.any():
                 popco = self._popco_reasons(p, asks, cols, by_popco, parts["co"], parts["pv"])
+        return p, asks, top, hist, positive, att, new, popco
+
+    def _explain(self, cur: _Served, pending: Sequence[tuple[Any, ...]]) -> None:
+        """Each pending ask's ``why`` (:mod:`streams.explain`), every platform in one pass."""
+        n = max(x[2].shape[1] for x in pending)
+        tops, plat_rows, asks, news, popcos = [], [], [], [], []
+        any_new = any(x[6] is not None for x in pending)
+        any_popco = any(x[7] is not None for x in pending)
+        for p, a, top, _, _, _, new, popco in pending:
+            r, m = top.shape
+            tops.append(np.pad(top, ((0, 0), (0, n - m)), constant_values=-1))
+            plat_rows += [p] * r
+            asks += a
+            if any_new:
+                news.append(np.pad(new, ((0, 0), (0, n - m))) if new is not None
+                            else np.zeros((r, n), bool))
+            if any_popco:
+                popcos += ([row + [None] * (n - m) for row in popco] if popco is not None
+                           else [[None] * n for _ in range(r)])
         t = self.tables.table
         plats, plat = t.platforms, t.plat
         if self._why_memo[0] is not t:  # rows keep their items while the table lives
             self._why_memo = (t, {})
-        why = model_reasons(cur.tower.emb, top, hist, positive, att, t.ids,
-                            lambda g: plats[plat[g]], p, new, popco, self._why_memo[1])
+        why = model_reasons(cur.tower.emb, np.concatenate(tops),
+                            np.concatenate([x[3] for x in pending]),
+                            np.concatenate([x[4] for x in pending]),
+                            torch.cat([x[5] for x in pending]), t.ids,
+                            lambda g: plats[plat[g]], plat_rows,
+                            np.concatenate(news) if any_new else None,
+                            popcos if any_popco else None, self._why_memo[1])
         for a, w in zip(asks, why, strict=True):
             a.why = w
 

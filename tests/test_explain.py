@@ -139,3 +139,28 @@ def test_describe_in_words():
         "popular on shop"
     co = why_json("cooccurrence", [("shop", "s9", 1.0)])
     assert describe(Why.model_validate_json(co)) == "people who had s9 on shop (100%) had this too"
+
+
+def test_one_pass_for_platforms_with_and_without_popco_rows(server):  # noqa: F811
+    """Every platform's rankings are explained in one pass: rows of one platform's hybrid
+    parts must not leak into another's reasons."""
+    srv, ids, rng = server
+    srv.s.explain_top = 4
+    srv.s.hybrid_weight = 50.0
+    src = "music-3"
+    hist = [("music", src, 1, T - 5.0), ("video", "video-1", 1, T - 9.0)]
+    co = AggRow([("music-7", 9.0), ("music-8", 4.0)], before=0)
+    pop = AggRow([(f"music-{i}", 40.0 - i) for i in range(20, 40)], before=0)
+    a = Ask(hist, "music", T, exclude=[src], pop=pop, co=[co], co_src=[src])
+    b = Ask(hist, "video", T, exclude=["video-1"])  # no popco rows: the model decides
+    out = srv.answer([b, a], k=6)
+    wa = [Why.model_validate_json(w) for w in a.why]
+    wb = [Why.model_validate_json(w) for w in b.why]
+    assert len(wa) == len(wb) == 4
+    assert wa[0].kind == "cooccurrence" and wa[0].evidence[0].item == src
+    assert all(w.kind in ("cooccurrence", "popular") for w in wa)
+    assert all(w.platform == "music" for w in wa if w.kind == "popular")
+    assert all(w.kind == "history" for w in wb)  # never "similar": video has no popularity row
+    assert all({(e.platform, e.item) for e in w.evidence} <= {("music", src), ("video", "video-1")}
+               for w in wb)
+    assert [i for i, _ in out[1][:2]] == ["music-7", "music-8"]
