@@ -139,6 +139,7 @@ def pct(xs: list[float] | np.ndarray, q: float) -> float | None:
 
 
 def run(a: argparse.Namespace) -> dict[str, Any]:
+    from streamed import scrape, start_loop
     from throughput import cpu_ticks
 
     from consumers.cache import RecsCache
@@ -147,16 +148,11 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     from streams.platforms import load_platforms
     from streams.settings import Settings
     from streams.topics import Topics
-    from xrec.dev import Collector, start_workers
+    from xrec.dev import Collector
     from xrec.stack import (
         Service,
         _popen,
-        create_topics,
-        embedded_partitions,
         free_port,
-        start_redis,
-        start_tansu,
-        wait_worker_ready,
     )
 
     class TimedCollector(Collector):
@@ -182,19 +178,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     man = simulate(SimConfig(events=int(a.rate * span), seed=a.seed), wd / "sim")
     started: list[Any] = []
     try:
-        tansu = start_tansu(wd)
-        started.append(tansu)
-        redis = start_redis(wd)
-        started.append(redis)
-        plan = topics.plan(platforms, embedded_partitions(settings))
-        create_topics(tansu.url, plan, plan)
-        port = free_port()
-        env = {"KAFKA_BOOTSTRAP_SERVERS": tansu.url, "REDIS_URL": redis.url,
-               "XREC_ENV": "dev", "XREC_LOG_LEVEL": "INFO", "XREC_STATE_EPOCH": "b"}
-        workers = start_workers(wd, env, settings, serve_env={"XREC_WEB_PORT": str(port)})
-        started += workers
-        for w in workers:
-            wait_worker_ready(redis.url, settings.redis_prefix, w, timeout=120)
+        log("starting the stack and the workers, loading the catalogs ...")
+        tansu, redis, workers, port, env = start_loop(wd, settings, topics, man, started)
         serving = workers[0]
         api_port = port
         if a.serve == "standalone":
@@ -207,16 +192,6 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         cache = RecsCache(redis.url, settings.redis_prefix)
         rep = Replayer(tansu.url)
         sim = wd / "sim"
-        log("loading the catalogs ...")
-        rep.replay([Source(sim / f, topics.catalog(p), None)
-                    for p, f in man["files"]["catalog"].items()], progress=False)
-        n_items = sum(man["items"].values())
-        deadline = time.monotonic() + 180
-        while cache.stats().get("catalog_items", 0) < n_items:
-            if time.monotonic() > deadline:
-                raise SystemExit("the catalog was not stored in time")
-            time.sleep(0.2)
-        time.sleep(2.5)  # every worker reloads its item index (every 2 s)
         col = TimedCollector(tansu.url, sorted(recs_topics), topics.deadletter,
                              from_beginning=True)
         col.start()
@@ -257,7 +232,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         time.sleep(2.0)  # the last windows' recommendations reach the collector
         col.stop()
         col.join(5)
-        m = _scrape(port)
+        m = scrape(port)
     finally:
         for svc in reversed(started):
             svc.stop()
@@ -313,18 +288,6 @@ def _wait_http(url: str, timeout: float) -> None:
             if time.monotonic() > deadline:
                 raise SystemExit(f"{url} did not answer in {timeout:.0f} s") from None
             time.sleep(0.2)
-
-
-def _scrape(port: int) -> dict[str, float]:
-    import urllib.request
-
-    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
-    out: dict[str, float] = {}
-    for line in body.decode().splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
 
 
 def main() -> None:

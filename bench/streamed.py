@@ -33,6 +33,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -91,39 +92,52 @@ def stage_figures(m: dict[str, float]) -> dict[str, object]:
             "event_refreshes": int(m.get('xrec_recommendations_total{refresh="event"}', 0))}
 
 
+def start_loop(wd: Path, settings: Settings, topics: Topics, man: dict, started: list
+               ) -> tuple[Any, Any, list[Any], int, dict[str, str]]:
+    """A fresh embedded stack and the workers `xrec dev` runs (the recommend one serving a
+    free web port), with the simulator's catalogs (``man``, under ``wd/sim``) stored and
+    indexed. Returns (broker, Redis, workers, web port, the workers' environment); every
+    process started is appended to ``started`` (the caller stops them)."""
+    platforms = load_platforms(settings.platforms_path)
+    tansu = start_tansu(wd)
+    started.append(tansu)
+    redis = start_redis(wd)
+    started.append(redis)
+    plan = topics.plan(platforms, embedded_partitions(settings))
+    create_topics(tansu.url, plan, plan)
+    port = free_port()
+    env = {"KAFKA_BOOTSTRAP_SERVERS": tansu.url, "REDIS_URL": redis.url,
+           "XREC_ENV": "dev", "XREC_LOG_LEVEL": "INFO", "XREC_STATE_EPOCH": "b"}
+    workers = start_workers(wd, env, settings, serve_env={"XREC_WEB_PORT": str(port)})
+    started += workers
+    for w in workers:
+        wait_worker_ready(redis.url, settings.redis_prefix, w, timeout=120)
+    cache = RecsCache(redis.url, settings.redis_prefix)
+    rep = Replayer(tansu.url)
+    rep.replay([Source(wd / "sim" / f, topics.catalog(p), None)
+                for p, f in man["files"]["catalog"].items()], progress=False)
+    rep.close()
+    n_items = sum(man["items"].values())
+    deadline = time.monotonic() + 180
+    while cache.stats().get("catalog_items", 0) < n_items:
+        if time.monotonic() > deadline:
+            raise SystemExit("the catalog was not stored in time")
+        time.sleep(0.2)
+    time.sleep(2.5)  # every worker reloads its item index (every 2 s)
+    return tansu, redis, workers, port, env
+
+
 def run_rate(rate: float, duration: float, seed: int, wd: Path, drain_s: float) -> dict:
     settings = Settings()
     topics, platforms = Topics(settings), load_platforms(settings.platforms_path)
     events = int(rate * duration)
     man = simulate(SimConfig(events=events, seed=seed), wd / "sim")
-    started = []
+    started: list[Any] = []
     try:
-        tansu = start_tansu(wd)
-        started.append(tansu)
-        redis = start_redis(wd)
-        started.append(redis)
-        plan = topics.plan(platforms, embedded_partitions(settings))
-        create_topics(tansu.url, plan, plan)
-        port = free_port()
-        env = {"KAFKA_BOOTSTRAP_SERVERS": tansu.url, "REDIS_URL": redis.url,
-               "XREC_ENV": "dev", "XREC_LOG_LEVEL": "INFO", "XREC_STATE_EPOCH": "b"}
-        workers = start_workers(wd, env, settings, serve_env={
-            "XREC_WEB_PORT": str(port)})
-        started += workers
-        for w in workers:
-            wait_worker_ready(redis.url, settings.redis_prefix, w, timeout=120)
+        tansu, redis, workers, port, _ = start_loop(wd, settings, topics, man, started)
         cache = RecsCache(redis.url, settings.redis_prefix)
         rep = Replayer(tansu.url)
         sim = wd / "sim"
-        rep.replay([Source(sim / f, topics.catalog(p), None)
-                    for p, f in man["files"]["catalog"].items()], progress=False)
-        n_items = sum(man["items"].values())
-        deadline = time.monotonic() + 180
-        while cache.stats().get("catalog_items", 0) < n_items:
-            if time.monotonic() > deadline:
-                raise SystemExit("the catalog was not stored in time")
-            time.sleep(0.2)
-        time.sleep(2.5)  # every worker reloads its item index (every 2 s)
         col = Collector(tansu.url, [topics.recs(p) for p in platforms], topics.deadletter,
                         from_beginning=True, quality_topic=topics.quality)
         col.start()
