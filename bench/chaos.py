@@ -15,7 +15,19 @@ On a fresh embedded stack (Tansu + a durable Redis: append-only file, fsync alwa
    in-process run (normalize → the same state script) under another Redis prefix, and
    the two final user states are compared.
 
-Figures (``--json``: the last stdout line is one JSON object with exactly these keys):
+Several workers (``--workers N``, default 1): N workers with every agent in one consumer
+group share the partitions (the high-volume topics get the smallest multiple of N that
+is at least 4: 4, 4, 6 for N = 1, 2, 3; Faust's sticky assignor gives a worker at most
+ceil(partitions / N), so 4 partitions over 3 workers can leave one with none). A kill
+then SIGKILLs one of them chosen at random (seeded); the
+survivors take its partitions over when its session expires (the first rebalance); once
+every partition is served again a new worker is started and joins (the second rebalance:
+partitions move to it). With one worker, a kill starts the new worker at once, as before.
+The train agent runs in every worker; only the holder of the head lease publishes
+(``streams/agents/train.py``), so the head-version checks hold with N trainers too.
+
+Figures (``--json``: the last stdout line is one JSON object with these keys, then the
+rebalance figures below):
 
 * ``events``: records replayed (valid + hostile); ``kills``: worker SIGKILLs done;
 * ``lost``: events the uninterrupted run applied that the chaos run did not;
@@ -34,6 +46,33 @@ The stream has no ingest-topic events: they carry no key, so one person's events
 have no defined order and an uninterrupted run could not be the same run. A comparison
 control (one event lost and one applied twice, planted in a copy of the reference) shows
 the comparison sees both.
+
+Rebalance figures (new keys after those above; ``workers``: N):
+
+* ``kill_to_served_s``, one per kill: from the kill (the SIGKILLed process reaped) until
+  every partition with records still to serve was served again. Served: for a partition
+  of ``xrec.events.unified`` (the recommend agent), its applied-offset watermark in Redis
+  advanced (polled every 0.1 s, compared with a sample taken 0.2 s after the kill, when
+  any script the dead worker sent has run); for a partition of ``xrec.events.<platform>``
+  (the normalize agent), an interaction from it was published on the unified topic with
+  a record timestamp after the kill (only a live worker can produce one). A partition with
+  nothing left to serve after the kill does not count. Partitions the survivors already
+  owned are served again within one sample (~0.1–0.3 s), so the figure is the moved
+  partitions' outage: the dead member's session timeout, the rebalance and the first
+  micro-batch of the new owner. (Lag from ``ListOffsets`` is not used: Tansu's is wrong
+  when a record batch holds several records, DESIGN.md.)
+* ``rebalances``: per kill and per join (``kind``), ``at_s`` (seconds since the replay
+  began), ``served_s`` (kills: as above; joins: the longest time any partition went
+  unserved between the new worker's start and 5 s after it was ready, the pause the join's
+  rebalance cost; ``gap_before_s``: the same figure over the 10 s before, for scale),
+  ``partitions`` (partitions counted), ``latency_ms_max``: the worst event →
+  recommendation latency (``published_at − produced_at`` of the records on
+  ``xrec.recs.*``, read from outside) over the events produced from 5 s before the kill
+  (joins: from the new worker's start) until 5 s after the partitions were served again
+  (joins: 5 s after it was ready), and ``latency_ms_p99_before``: p99 over the events
+  produced in the 30 s before that window. While the worker is behind (the default rate
+  is above what it sustains) latency is dominated by the backlog.
+* ``rebalance_latency_ms_max``: the worst of the windows' ``latency_ms_max``.
 
 Not compared: co-occurrence neighbour lists (trimmed per micro-batch, so they depend on
 how events were batched), the recommendation cache (TTL), offset watermarks (differ by
@@ -82,7 +121,12 @@ from xrec.stack import (  # noqa: E402
 
 KEYS = ("events", "kills", "lost", "double_applied", "state_equal", "deadlettered_expected",
         "deadlettered", "worker_crashes_on_bad_input")
+#: added with --workers: the rebalance figures
+REBALANCE_KEYS = ("workers", "kill_to_served_s", "rebalances", "rebalance_latency_ms_max")
 PREFIX, REF = "chaos:", "ref:"
+#: with several workers: seconds between the partitions served again after a kill and the
+#: new worker's start (so each rebalance's window, and the 30 s before it, are its own)
+JOIN_AFTER_S = 10.0
 T0 = time.monotonic()
 
 
@@ -163,6 +207,13 @@ def popularity(r: redis_sync.Redis, prefix: str, platforms: list[str]) -> dict[s
     return out
 
 
+def popularity_equal(pa: dict[str, dict], pb: dict[str, dict]) -> bool:
+    """Same items per platform, same normalised scores up to float summation order."""
+    return pa.keys() == pb.keys() and all(set(pa[p]) == set(pb[p]) and all(
+        math.isclose(pa[p][i], pb[p][i], rel_tol=1e-6, abs_tol=1e-9) for i in pa[p])
+        for p in pa)
+
+
 async def reference_run(settings: Settings, sources: list[tuple[str, Path]], history: int
                         ) -> None:
     """The uninterrupted run: each platform's log normalized and applied in order, in
@@ -206,6 +257,164 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
             "diff_keys": sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))}
 
 
+class Watch:
+    """Observes the run from outside for the rebalance figures (module docstring): a
+    thread samples the applied-offset watermarks of every unified partition in Redis every
+    0.1 s; another reads the unified topic (per source partition: when an interaction from
+    it was published) and the recommendation topics (produced_at, published_at)."""
+
+    def __init__(self, bootstrap: str, redis_url: str, unified: str, recs: list[str]) -> None:
+        self.bootstrap, self.redis_url, self.unified, self.recs_topics = (
+            bootstrap, redis_url, unified, recs)
+        self.lock = threading.Lock()
+        self.samples: list[tuple[float, dict[int, int]]] = []  # (time, {q: Σ watermarks})
+        self.src: dict[tuple[str, int], list[float]] = {}  # source partition → publish times
+        self.recs: list[tuple[float, float]] = []  # (produced_at, published_at)
+        self._stop = threading.Event()
+        self.last_read = time.monotonic()  # when the topic reader last got records
+        self.threads = [threading.Thread(target=self._poll_redis, daemon=True),
+                        threading.Thread(target=self._read_topics, daemon=True)]
+
+    def start(self) -> None:
+        for th in self.threads:
+            th.start()
+
+    def settle(self, quiet_s: float = 3.0, timeout: float = 120.0) -> None:
+        """Wait until the topic reader has read everything (nothing new for ``quiet_s``):
+        on a busy box it can trail the workers."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and time.monotonic() - self.last_read < quiet_s \
+                and self.threads[1].is_alive():
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for th in self.threads:
+            th.join(10)
+
+    def _poll_redis(self) -> None:
+        r = redis_sync.Redis.from_url(self.redis_url, decode_responses=True, socket_timeout=1,
+                                      socket_connect_timeout=1)
+        keys: dict[str, int] = {}  # watermark key → unified partition
+        scanned = 0.0
+        while not self._stop.is_set():
+            t = time.time()
+            try:
+                if t - scanned > 5.0:  # the keys appear with the first applies (any layout)
+                    keys = {k: int(k.rsplit(":", 1)[1]) for k in
+                            r.scan_iter(f"{PREFIX}*wm:*:{self.unified}:*", count=5000)
+                            if "dlwm" not in k}
+                    scanned = t
+                pipe = r.pipeline(transaction=False)
+                for k in keys:
+                    pipe.hvals(k)
+                tot: dict[int, int] = {}
+                for (_, q), vals in zip(keys.items(), pipe.execute(), strict=True):
+                    tot[q] = tot.get(q, 0) + sum(int(v) for v in vals)
+                with self.lock:
+                    self.samples.append((time.time(), tot))
+            except (redis_sync.RedisError, OSError, ValueError):
+                pass  # Redis down (a fault): no sample
+            self._stop.wait(0.1)
+        r.close()
+
+    def _read_topics(self) -> None:
+        from kafka import KafkaConsumer, TopicPartition
+
+        c = KafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None,
+                          enable_auto_commit=False, fetch_max_wait_ms=200)
+        try:
+            tps = [TopicPartition(tp, p) for tp in [self.unified, *self.recs_topics]
+                   for p in sorted(c.partitions_for_topic(tp) or [])]
+            c.assign(tps)
+            c.seek_to_beginning(*tps)
+            while not self._stop.is_set():
+                got = c.poll(timeout_ms=200)
+                if got:
+                    self.last_read = time.monotonic()
+                for tp, recs in got.items():
+                    rows = [json.loads(x.value) for x in recs]
+                    with self.lock:
+                        if tp.topic == self.unified:
+                            for x, v in zip(recs, rows, strict=True):
+                                self.src.setdefault((v["src_topic"], v["src_partition"]),
+                                                    []).append(x.timestamp / 1000.0)
+                        else:
+                            self.recs += [(v["produced_at"], v["published_at"]) for v in rows]
+        except Exception as exc:  # noqa: BLE001 - figures missing, the run goes on
+            log(f"watch: topic reader stopped: {exc!r}")
+        finally:
+            c.close()
+
+    # ---------------------------------------------------------------- figures
+
+    def _service(self) -> dict[str, list[float]]:
+        """Partition → the times it was seen served (unified: watermark advanced between
+        samples, at the later sample; source: interactions published)."""
+        out: dict[str, list[float]] = {}
+        with self.lock:
+            samples = list(self.samples)
+            out.update({f"{t}:{p}": sorted(v) for (t, p), v in self.src.items()})
+        prev: dict[int, int] = {}
+        for t, tot in samples:
+            for q, v in tot.items():
+                if q in prev and v > prev[q]:
+                    out.setdefault(f"{self.unified}:{q}", []).append(t)
+                prev[q] = max(v, prev.get(q, 0))
+        return out
+
+    def served_after(self, t_kill: float) -> tuple[float | None, int]:
+        """Seconds from ``t_kill`` until every partition with anything left to serve
+        was served again (None: none was), and how many partitions counted."""
+        first: list[float] = []
+        with self.lock:
+            base = next((t for t, _ in self.samples if t >= t_kill + 0.2), None)
+        for name, times in self._service().items():
+            after = t_kill if not name.startswith(f"{self.unified}:") else (base or math.inf)
+            nxt = next((x for x in times if x > after), None)
+            if nxt is not None:
+                first.append(nxt)
+        return (round(max(first) - t_kill, 2) if first else None), len(first)
+
+    def all_served(self, t_kill: float) -> bool:
+        """Every partition served in the 5 s before the kill was served after it (for
+        the unified ones: after the sample 0.2 s after it)."""
+        with self.lock:
+            base = next((t for t, _ in self.samples if t >= t_kill + 0.2), None)
+        if base is None:
+            return False
+        for name, times in self._service().items():
+            after = base if name.startswith(f"{self.unified}:") else t_kill
+            if any(t_kill - 5 <= x <= t_kill for x in times) and \
+                    not any(x > after for x in times):
+                return False
+        return True
+
+    def longest_gap(self, t0: float, t1: float) -> tuple[float | None, int]:
+        """The longest time any partition served in [t0, t1] went unserved inside it."""
+        gaps, n = [], 0
+        for times in self._service().values():
+            was = any(x < t0 for x in times)  # served before: a gap at t0 is an outage
+            goes_on = any(x > t1 for x in times)  # served after: so is one at t1
+            seq = [t0] * was + [x for x in times if t0 <= x <= t1] + [t1] * goes_on
+            if len(seq) < 2:
+                continue
+            n += 1
+            gaps.append(max(b - a for a, b in zip(seq, seq[1:], strict=False)))
+        return (round(max(gaps), 2) if gaps else None), n
+
+    def latency(self, t0: float, t1: float) -> tuple[float | None, float | None]:
+        """Worst event → recommendation latency (ms) of the events produced in [t0, t1],
+        and the p99 of those produced in the 30 s before t0."""
+        with self.lock:
+            recs = list(self.recs)
+        win = [b - a for a, b in recs if t0 <= a <= t1]
+        before = sorted(b - a for a, b in recs if t0 - 30 <= a < t0)
+        p99 = before[min(len(before) - 1, int(len(before) * 0.99))] if before else None
+        return (round(max(win) * 1000, 1) if win else None,
+                round(p99 * 1000, 1) if p99 is not None else None)
+
+
 def worker_env(bootstrap: str, redis_url: str, model: bool, epoch: str) -> dict[str, str]:
     return {"KAFKA_BOOTSTRAP_SERVERS": bootstrap, "REDIS_URL": redis_url, "XREC_ENV": "dev",
             "XREC_REDIS_PREFIX": PREFIX, "XREC_APP_ID": "xrec-chaos",
@@ -245,13 +454,16 @@ def run() -> None:  # noqa: C901, PLR0912, PLR0915 - one linear script
     ap.add_argument("--rate", type=float, default=800.0,
                     help="replay rate, records/s (default 800)")
     ap.add_argument("--seed", type=int, default=1, help="stream and fault schedule seed")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="workers in the one consumer group (default 1); a kill takes one "
+                         "down and, once its partitions are served again, starts another")
     ap.add_argument("--no-model", action="store_true", help="popularity ⊕ co-occurrence only")
     ap.add_argument("--workdir", type=Path, help="keep logs and files here")
     ap.add_argument("--drain-timeout", type=float, default=600.0)
     ap.add_argument("--json", action="store_true", help="last stdout line: the JSON figures")
     a = ap.parse_args()
-    if a.kills < 0 or not 0 <= a.hostile < 1 or a.down_s < 5:
-        ap.error("--kills ≥ 0, 0 ≤ --hostile < 1, --down-s ≥ 5")
+    if a.kills < 0 or not 0 <= a.hostile < 1 or a.down_s < 5 or not 1 <= a.workers <= 16:
+        ap.error("--kills ≥ 0, 0 ≤ --hostile < 1, --down-s ≥ 5, 1 ≤ --workers ≤ 16")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model = not a.no_model
     rng = random.Random(a.seed)
@@ -267,6 +479,7 @@ def run() -> None:  # noqa: C901, PLR0912, PLR0915 - one linear script
     workers: list[Service] = []
     timeline: list[dict[str, Any]] = []
     crashes_unexpected = 0
+    watch: Watch | None = None
     try:
         tansu = start_tansu(wd)
         services.append(tansu)
@@ -278,19 +491,47 @@ def run() -> None:  # noqa: C901, PLR0912, PLR0915 - one linear script
                      redis_prefix=PREFIX, eid_keep=10_000_000, model_enabled=model)
         topics = Topics(s)
         platforms = load_platforms("")
-        plan = topics.plan(platforms, s.partitions)
+        # a multiple of the workers, at least 4: Faust's sticky assignor gives each worker
+        # at most ceil(partitions / workers), so 4 over 3 workers can be 2 / 2 / 0 (seen:
+        # a joining worker left with an empty assignment); 6 over 3 is 2 / 2 / 2
+        parts = a.workers * math.ceil(max(s.partitions, a.workers) / a.workers)
+        plan = topics.plan(platforms, parts)
         create_topics(tansu.url, plan, plan)
         env = worker_env(tansu.url, url, model, uuid.uuid4().hex[:12])
+        if parts != s.partitions:
+            env["XREC_PARTITIONS"] = str(parts)
         stats = Stats(url)
+        live: list[Service] = []  # the group's workers now
 
-        def new_worker() -> Service:
+        def new_worker(wait: bool = True) -> Service:
             w = start_worker(wd, env, name=f"worker-{len(workers)}")
             workers.append(w)
-            wait_worker_ready(url, PREFIX, w, timeout=180)
+            live.append(w)
+            if wait:
+                wait_worker_ready(url, PREFIX, w, timeout=180)
             return w
 
-        w = new_worker()
-        log(f"worker pid {w.pid} ready")
+        for _ in range(a.workers):
+            new_worker(wait=False)
+        for w in live:
+            wait_worker_ready(url, PREFIX, w, timeout=240)
+        w = live[0]
+        log(f"worker pid(s) {', '.join(str(x.pid) for x in live)} ready")
+        watch = Watch(tansu.url, url, topics.unified, [topics.recs(p) for p in platforms])
+        watch.start()
+        victims = random.Random(a.seed + 1)  # (rng's draws stay those of one worker)
+        rebalances: list[dict[str, Any]] = []
+
+        def replace_crashed() -> int:
+            n = 0
+            for x in list(live):
+                if not x.alive():
+                    n += 1
+                    log(f"worker {x.pid} exited by itself (code {x.proc.returncode}); "
+                        "restarting")
+                    live.remove(x)
+                    new_worker()
+            return n
         sim = wd / "sim"
         rep = Replayer(tansu.url)
         rep.replay([Source(sim / f, topics.catalog(p), None)
@@ -316,6 +557,7 @@ def run() -> None:  # noqa: C901, PLR0912, PLR0915 - one linear script
         faults = plan_faults(rng, a.kills)
         log("fault plan: " + ", ".join(f"{n} at {f:.0%}" for f, n in faults))
         t_replay = time.monotonic()
+        t_replay_wall = time.time()
         th = threading.Thread(target=replay, daemon=True)
         th.start()
         valid = man["valid_events"]
@@ -325,22 +567,36 @@ def run() -> None:  # noqa: C901, PLR0912, PLR0915 - one linear script
                 st = stats.get() or {}
                 if st.get("events_applied", 0) >= frac * valid:
                     break
-                if not w.alive():
-                    crashes_unexpected += 1
-                    log(f"worker {w.pid} exited by itself (code {w.proc.returncode}); "
-                        "restarting")
-                    w = new_worker()
+                crashes_unexpected += replace_crashed()
                 time.sleep(0.1)
             at = st.get("events_applied", 0)
             t = time.monotonic()
             if name == "kill":
+                w = live[0] if len(live) == 1 else victims.choice(live)
                 os.kill(w.pid, signal.SIGKILL)
                 w.proc.wait(10)
+                t_kill = time.time()
                 w.stop()
+                live.remove(w)
                 kills += 1
-                w = new_worker()
-                log(f"SIGKILL {kills} at {at:,} applied; new worker {w.pid} ready after "
-                    f"{time.monotonic() - t:.1f}s")
+                rebalances.append({"kind": "kill", "t0": t_kill, "at_applied": at})
+                if not live:  # one worker: its successor starts at once, as before
+                    w = new_worker()
+                    log(f"SIGKILL {kills} at {at:,} applied; new worker {w.pid} ready after "
+                        f"{time.monotonic() - t:.1f}s")
+                else:  # the survivors take over; then a new worker joins
+                    until = time.monotonic() + 60
+                    while time.monotonic() < until and not watch.all_served(t_kill):
+                        time.sleep(0.2)
+                    time.sleep(JOIN_AFTER_S)  # the join's rebalance apart from the death's
+                    log(f"SIGKILL {kills} (pid {w.pid}) at {at:,} applied; partitions "
+                        f"served again after {watch.served_after(t_kill)[0]}s "
+                        f"(survivors: {', '.join(str(x.pid) for x in live)})")
+                    t_join = time.time()
+                    w = new_worker()
+                    rebalances.append({"kind": "join", "t0": t_join, "ready": time.time()})
+                    log(f"new worker {w.pid} ready after {time.time() - t_join:.1f}s")
+
             elif name == "redis":
                 rsvc.proc.send_signal(signal.SIGKILL)
                 rsvc.proc.wait(10)
@@ -369,10 +625,7 @@ def run() -> None:  # noqa: C901, PLR0912, PLR0915 - one linear script
         last: dict[str, int] | None = None
         quiet_since = time.monotonic()
         while time.monotonic() < deadline:
-            if not w.alive():
-                crashes_unexpected += 1
-                log(f"worker {w.pid} exited by itself (code {w.proc.returncode}); restarting")
-                w = new_worker()
+            crashes_unexpected += replace_crashed()
             st = stats.get() or {}
             if st != last:
                 last, quiet_since = st, time.monotonic()
@@ -385,6 +638,19 @@ def run() -> None:  # noqa: C901, PLR0912, PLR0915 - one linear script
         else:
             log("drain timeout: reporting what arrived")
         drain_s = time.monotonic() - t_replay
+        watch.settle()  # the reader has every recommendation
+        watch.stop()
+        for rb in rebalances:  # the rebalance figures (module docstring)
+            if rb["kind"] == "kill":
+                served, n = watch.served_after(rb["t0"])
+                w0, w1 = rb["t0"] - 5, rb["t0"] + (served or 0) + 5
+                rb.update(served_s=served, partitions=n)
+            else:
+                w0, w1 = rb["t0"], rb.pop("ready") + 5
+                rb["served_s"], rb["partitions"] = watch.longest_gap(w0, w1)
+                rb["gap_before_s"] = watch.longest_gap(w0 - 10, w0)[0]
+            rb["latency_ms_max"], rb["latency_ms_p99_before"] = watch.latency(w0, w1)
+            rb["at_s"] = round(rb.pop("t0") - t_replay_wall, 1)
         st = stats.get() or {}
         r = redis_sync.Redis.from_url(url, decode_responses=True)
 
@@ -427,10 +693,8 @@ def run() -> None:  # noqa: C901, PLR0912, PLR0915 - one linear script
         cmp = compare(a_users, b_users)
         lost, extra, diff_keys = cmp["lost"], cmp["extra"], cmp["diff_keys"]
         double = max(0, st.get("events_applied", 0) - cmp["applied_ids"]) + cmp["over"]
-        pa, pb = popularity(r, PREFIX, list(platforms)), popularity(r, REF, list(platforms))
-        pop_ok = all(set(pa[p]) == set(pb[p]) and all(
-            math.isclose(pa[p][i], pb[p][i], rel_tol=1e-6, abs_tol=1e-9) for i in pa[p])
-            for p in platforms)
+        pop_ok = popularity_equal(popularity(r, PREFIX, list(platforms)),
+                                  popularity(r, REF, list(platforms)))
         state_equal = not diff_keys and pop_ok and bool(a_users.get("users"))
         # control: the same comparison on a copy of the reference with one event lost (its
         # id gone) and one applied twice (a recent entry and a counter repeated)
@@ -493,9 +757,21 @@ def run() -> None:  # noqa: C901, PLR0912, PLR0915 - one linear script
                "deadlettered_expected": expected_dl, "deadlettered": len(dl_sources),
                "worker_crashes_on_bad_input": crashes}
         assert tuple(out) == KEYS
+        kill_s = [rb["served_s"] for rb in rebalances if rb["kind"] == "kill"]
+        worst = [rb["latency_ms_max"] for rb in rebalances if rb["latency_ms_max"] is not None]
+        out.update({"workers": a.workers, "kill_to_served_s": kill_s, "rebalances": rebalances,
+                    "rebalance_latency_ms_max": max(worst) if worst else None})
+        assert tuple(out) == KEYS + REBALANCE_KEYS
+        for rb in rebalances:
+            print(f"  rebalance ({rb['kind']}) at {rb['at_s']}s: partitions served again / "
+                  f"longest unserved {rb['served_s']}s over {rb['partitions']} partitions; "
+                  f"worst event → recommendation latency {rb['latency_ms_max']} ms "
+                  f"(p99 before: {rb['latency_ms_p99_before']} ms)")
         if a.json:
             print(json.dumps(out), flush=True)
     finally:
+        if watch is not None:
+            watch.stop()
         for x in workers:
             with contextlib.suppress(Exception):
                 x.stop()

@@ -15,6 +15,9 @@ queries; no baseline keeps a private per-user view of the stream.
                   ``streams/lua/apply.lua``)
 * ``text_zero_shot``  the language model with no training: cosine of item texts to the
                   user's recent positives
+* ``textpop``     the language model with no training, times popularity: each recent
+                  positive read as a softmax over the catalog's text similarities
+                  (``models/coldtext.py``); β, α and the half-life chosen on the warm-up
 
 :class:`Tuned` runs a method's few candidate settings side by side during the warm-up
 (the first ``EvalConfig.warmup`` share of events), ranks each batch with the candidate
@@ -29,12 +32,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from models.coldtext import ColdWeight, kernel_mean, text_prior, unit_rows
 from models.heads import ItemTable
 from models.metrics import rank_of
 from models.popco import popco_dense, standardised
 
-__all__ = ["Query", "Method", "Popularity", "ItemKNN", "PopCo", "TextZeroShot", "Tuned",
-           "recent_positives", "Hybrid"]
+__all__ = ["Query", "Method", "Popularity", "ItemKNN", "PopCo", "TextZeroShot", "TextPop",
+           "TextVectors", "Tuned", "recent_positives", "Hybrid", "cross_cold"]
 
 
 @dataclass
@@ -70,11 +74,12 @@ class Method:
                   compute: Callable[[list[Query], str], np.ndarray]) -> np.ndarray:
         """The same batch's scores again when asked twice at one ``version`` of what the
         method learnt (``xrec_hybrid`` asks its parts after they ranked for themselves)."""
-        last = self.__dict__.get("_last_scores")
-        if last is not None and last[0] is qs and last[1] == p and last[2] == version:
-            return last[3]  # type: ignore[no-any-return]
+        memo = self.__dict__.setdefault("_last_scores", {})
+        last = memo.get(p)  # one entry per platform: methods ask platform after platform
+        if last is not None and last[0] is qs and last[1] == version:
+            return last[2]  # type: ignore[no-any-return]
         out = compute(qs, p)
-        self._last_scores = (qs, p, version, out)
+        memo[p] = (qs, version, out)
         return out
 
 
@@ -317,6 +322,85 @@ class TextZeroShot(Method):
         return u @ t.centered(t.rows(p)).T
 
 
+class TextVectors:
+    """Unit-length centred text vectors of every table row (rows without text: zeros),
+    refreshed when rows were added."""
+
+    def __init__(self, table: ItemTable) -> None:
+        self.t = table
+        self._x = np.zeros((0, table.text_dim), dtype=np.float32)
+
+    def all(self) -> np.ndarray:
+        if self._x.shape[0] != len(self.t):
+            x = unit_rows(self.t.centered(np.arange(len(self.t))))
+            x[~np.asarray(self.t.has_text, dtype=bool)] = 0.0
+            self._x = x
+        return self._x
+
+    def kernel(self, qs: list[Query], p: str, n: int, beta: float
+               ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+        """(each query's last ``n`` positives' vectors, ``p``'s catalog vectors, their
+        :func:`models.coldtext.kernel_mean`), kept for the last batch's queries so that
+        candidates differing only in α or half-life share one product."""
+        key = (p, n, beta)
+        memo = self.__dict__.setdefault("_kernel", {})
+        hit = memo.get(key)
+        if hit is None or hit[0] is not qs:
+            hist = [self.positives(q, n) for q in qs]
+            cat = self.all()[self.t.rows(p)]
+            hit = memo[key] = (qs, (hist, cat, kernel_mean(hist, cat, beta)))
+        return hit[1]
+
+    def positives(self, q: Query, n: int, skip_plat: int | None = None) -> np.ndarray:
+        """[≤ n, D]: the user's last ``n`` distinct positives with text (newest first),
+        those of platform index ``skip_plat`` left out."""
+        t, x = self.t, self.all()
+        out: list[int] = []
+        for g in recent_positives(q, 4 * n):
+            if t.has_text[g] and (skip_plat is None or t.plat[g] != skip_plat):
+                out.append(g)
+                if len(out) >= n:
+                    break
+        return x[np.asarray(out, dtype=np.int64)]
+
+
+def cross_cold(q: Query, table: ItemTable) -> bool:
+    """No history on the query's platform, a positive on another one: the asks the
+    served hybrid gives the text prior (``XREC_COLD_TEXT_WEIGHT``)."""
+    pi = table.platform_index(q.platform)
+    plat = table.plat
+    if any(plat[g] == pi for g, _, _ in q.history):
+        return False
+    return any(label for _, label, _ in q.history)
+
+
+class TextPop(Method):
+    """Popularity times the texts of the user's recent positives (``models.coldtext``).
+
+    Candidates that share a half-life share one :class:`Popularity`: it learns each batch
+    once, whichever of them is asked first."""
+
+    name = "textpop"
+
+    def __init__(self, table: ItemTable, vecs: TextVectors, pop: Popularity, beta: float,
+                 alpha: float, hist: int = 20) -> None:
+        self.t, self.v, self.pop, self.beta, self.alpha = table, vecs, pop, beta, alpha
+        self.hist = hist
+
+    def params(self) -> dict[str, object]:
+        return {**self.pop.params(), "beta": self.beta, "alpha": self.alpha,
+                "hist": self.hist}
+
+    def scores(self, qs: list[Query], p: str) -> np.ndarray:
+        hist, cat, m = self.v.kernel(qs, p, self.hist, self.beta)
+        return text_prior(hist, cat, self.pop.vec(p), self.beta, self.alpha, m)
+
+    def learn(self, qs: list[Query], batch: Sequence[object]) -> None:
+        if self.pop.__dict__.get("_learnt_batch") is not batch:
+            self.pop.learn(qs, batch)
+            self.pop._learnt_batch = batch  # type: ignore[attr-defined]
+
+
 class Tuned(Method):
     """One method's candidate settings; the best on the warm-up is kept.
 
@@ -393,14 +477,54 @@ class Hybrid(Method):
     Neither part learns here: the run trains ``model`` and ``popco`` once per batch
     (``models.prequential``), so the hybrid has exactly their information."""
 
-    def __init__(self, name: str, model: Method, popco: PopCo, lam: float) -> None:
+    def __init__(self, name: str, model: Method, popco: PopCo, lam: float,
+                 cold: tuple[float, float, float, int] = (0.0, 10.0, 0.3, 20),
+                 vecs: TextVectors | None = None, cold_grid: Sequence[float] = ()) -> None:
         self.name, self.model, self.popco, self.lam = name, model, popco, lam
+        #: (starting weight, β, α, positives) of the text prior on cross-platform cold asks
+        self.cold = cold
+        self.vecs = vecs if vecs is not None else TextVectors(popco.t)
+        on = cold[0] > 0 or any(g > 0 for g in cold_grid)
+        #: the prior's weight, chosen online among ``cold_grid`` (the worker's ColdWeight)
+        self.coldw = ColdWeight(cold_grid, cold[0]) if on else None
+        self._pending: list[tuple[list[Query], list[int], np.ndarray, np.ndarray]] = []
 
     def params(self) -> dict[str, object]:
-        return {"hybrid_weight": self.lam, **self.model.params()}
+        start, beta, alpha, hist = self.cold
+        cw = self.coldw
+        return {"hybrid_weight": self.lam, "cold_text": {
+            "weight_start": start, "grid": [] if cw is None else [float(g) for g in cw.grid],
+            "weight_now": 0.0 if cw is None else cw.weight, "beta": beta, "alpha": alpha,
+            "hist": hist}, **self.model.params()}
 
     def scores(self, qs: list[Query], p: str) -> np.ndarray:
         s = self.model.scores(qs, p)
-        if self.lam == 0:
+        if self.lam == 0 and self.coldw is None:
             return s
-        return standardised(s) + self.lam * standardised(self.popco.scores(qs, p))
+        out = standardised(s) + self.lam * standardised(self.popco.scores(qs, p))
+        if self.coldw is not None:
+            t = self.popco.t
+            cold = [r for r, q in enumerate(qs) if cross_cold(q, t)]
+            if cold:
+                _, beta, alpha, hist = self.cold
+                prior = standardised(text_prior(
+                    [self.vecs.positives(qs[r], hist) for r in cold],
+                    self.vecs.all()[t.rows(p)], self.popco.pop.vec(p), beta, alpha))
+                self._pending.append((qs, cold, out[cold], prior))
+                out[cold] += self.coldw.weight * prior
+        return out
+
+    def learn(self, qs: list[Query], batch: Sequence[object]) -> None:
+        """The prior's weight learns from the batch's cold asks, after they were ranked
+        (the model and popco are trained by the run, not here)."""
+        if self.coldw is None:
+            return
+        for pq, rows, base, prior in self._pending:
+            keep = [j for j, r in enumerate(rows) if pq[r].rank_eval]
+            if not keep:
+                continue
+            b = base[keep].copy()
+            for j, r in enumerate(rows[k] for k in keep):
+                b[j, pq[r].seen] = -np.inf  # the run's exclusions (none for a cold start)
+            self.coldw.learn(b, prior[keep], [pq[rows[k]].local for k in keep])
+        self._pending = []

@@ -50,6 +50,8 @@ from models.baselines import (
     PopCo,
     Popularity,
     Query,
+    TextPop,
+    TextVectors,
     TextZeroShot,
     Tuned,
 )
@@ -62,7 +64,7 @@ __all__ = ["Event", "Query", "Method", "EvalConfig", "Prequential", "METHODS"]
 
 log = logging.getLogger("xrec.eval")
 METHODS = ("xrec", "xrec_model", "popularity", "itemknn", "popco", "sasrec", "text_zero_shot",
-           "xrec_frozen")
+           "textpop", "xrec_frozen")
 DAY = 86400.0
 
 
@@ -95,6 +97,15 @@ class EvalConfig:
     #: xrec = the model's scores + hybrid_weight × popco's, both standardised per query: the
     #: worker's ``XREC_HYBRID_WEIGHT`` (0 = the model alone)
     hybrid_weight: float = 0.2
+    #: xrec's text prior on cross-platform cold asks (``models/coldtext.py``): starting
+    #: weight, β, α, positives read, and the weights it chooses among online — the worker's
+    #: ``XREC_COLD_TEXT_{WEIGHT,BETA,ALPHA,HIST,WEIGHTS}``
+    cold_text: tuple[float, float, float, int] = (1.0, 10.0, 0.3, 20)
+    cold_text_grid: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0)
+    #: textpop: β, α and popularity half-lives to choose from on the warm-up
+    textpop_betas: tuple[float, ...] = (5.0, 10.0, 20.0)
+    textpop_alphas: tuple[float, ...] = (0.1, 0.3, 1.0)
+    textpop_half_lives_s: tuple[float, ...] = (DAY, 30 * DAY)
     #: sasrec: learning rates to choose from on the warm-up (the rest: models/sasrec.py)
     sasrec_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -188,8 +199,10 @@ class Prequential:
         popco = PopCo(t, cfg.popco_half_life_s, cfg.popco_window, cfg.popco_keep,
                       cfg.popco_blend, cfg.max_items, read=cfg.popco_read)
         warm = int(cfg.warmup * total) if total else 10000
+        vecs = TextVectors(t)
         if "xrec" in ms:
-            self.methods.append(Hybrid("xrec", online, popco, cfg.hybrid_weight))
+            self.methods.append(Hybrid("xrec", online, popco, cfg.hybrid_weight,
+                                       cfg.cold_text, vecs, cfg.cold_text_grid))
         if "xrec_model" in ms:
             self.methods.append(online)
         if "popularity" in ms:
@@ -209,12 +222,20 @@ class Prequential:
                 for lr in cfg.sasrec_lrs], warm))
         if "text_zero_shot" in ms:
             self.methods.append(TextZeroShot(t))
+        if "textpop" in ms:
+            cands: list[Method] = []
+            for hl in cfg.textpop_half_lives_s:
+                pop = Popularity(t, hl)
+                cands += [TextPop(t, vecs, pop, b, a)
+                          for b in cfg.textpop_betas for a in cfg.textpop_alphas]
+            self.methods.append(Tuned("textpop", cands, warm))
         if "xrec_frozen" in ms:
             fm = HeadsModel(cfg.model, t.platforms).to(self.device)
             fm.load_state_dict(model.state_dict())
             frozen = Model("xrec_frozen_model", fm, t,
                            OnlineTrainer(fm, t, copy.deepcopy(cfg.train)), learn_until=warm)
-            self.methods.append(Hybrid("xrec_frozen", frozen, popco, cfg.hybrid_weight))
+            self.methods.append(Hybrid("xrec_frozen", frozen, popco, cfg.hybrid_weight,
+                                       cfg.cold_text, vecs, cfg.cold_text_grid))
             self.parts.append(frozen)
         # parts a hybrid ranks with that the run does not list: trained here, once a batch
         if "xrec" in ms and "xrec_model" not in ms:

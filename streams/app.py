@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import tempfile
 from pathlib import Path
 
@@ -130,6 +131,14 @@ def base_app(settings: Settings, app_id: str) -> faust.App:
     return app
 
 
+def worker_id() -> str:
+    """This worker's id in Redis (``workers``, head swaps, drift records): its pid, or in a
+    container where it is pid 1 (``exec xrec worker``: every replica of a scaled service
+    alike) its host name, the container's own."""
+    pid = os.getpid()
+    return str(pid) if pid != 1 else socket.gethostname()
+
+
 def create_app(settings: Settings, platforms: PlatformRegistry | None = None,
                agents: str | None = None, epoch: str | None = None) -> faust.App:
     """Build the worker app: the shared context, then each wanted agent's module
@@ -151,7 +160,7 @@ def create_app(settings: Settings, platforms: PlatformRegistry | None = None,
     _count_client_errors(metrics.broker_errors)
     ctx = Context(app=app, settings=settings, platforms=platforms, topics=topics, redis=redis,
                   state=state, metrics=metrics, watchdog=Watchdog(settings.stall_after_s),
-                  wanted=wanted, worker=str(os.getpid()))
+                  wanted=wanted, worker=worker_id())
     app.xrec_state = state  # type: ignore[attr-defined]
     app.xrec_metrics = metrics.registry  # type: ignore[attr-defined]
 

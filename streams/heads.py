@@ -6,6 +6,7 @@ Redis (binary values, prefix ``XREC_REDIS_PREFIX``)::
     heads:blob      bytes   the weights of that version (torch.save, float16 tensors)
     heads:meta      hash    HeadVersion fields of that version (JSON under "record")
     heads:swaps     list    newest first: {version, worker, used_after_s, event_to_use_s}
+    heads:lease     str     the token of the one trainer allowed to publish (expires)
 
 One MULTI/EXEC writes version, blob and meta together, and recommenders read them in one
 MULTI/EXEC, so a recommender never pairs a version number with another version's weights.
@@ -23,11 +24,13 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import numpy as np
 import torch
 
+from models.coldtext import ColdWeight, text_prior, unit_rows
 from models.heads import (
     HeadsModel,
     History,
@@ -44,11 +47,11 @@ from models.trainer import Example, OnlineTrainer, TrainConfig
 from streams.explain import model_reasons, popco_reason
 from streams.records import HeadVersion, QualityWindow, TrainingExample
 from streams.settings import Settings
-from streams.state import redis_from_url, row_lookup
+from streams.state import is_cluster, redis_from_url, row_lookup
 from streams.vectors import VectorStore
 
 __all__ = ["HeadRegistry", "ModelServer", "Ask", "TrainerService", "model_config", "examples_json",
-           "recent_positives"]
+           "recent_positives", "LeaseLost"]
 
 log = logging.getLogger("xrec.heads")
 
@@ -58,24 +61,93 @@ def model_config(s: Settings, text_dim: int) -> ModelConfig:
                        buckets=s.model_buckets, seed=s.model_seed)
 
 
+class LeaseLost(RuntimeError):
+    """A fenced publish found the head lease held by another trainer (or by nobody)."""
+
+
+#: KEYS lease, version, blob, meta; ARGV token, blob, record JSON, lease ms → version or -1
+_LUA_FENCED_PUBLISH = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+local v = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[3], ARGV[2])
+redis.call('HSET', KEYS[4], 'record', ARGV[3])
+return v
+"""
+#: KEYS lease; ARGV token, ms → 2 taken, 1 renewed, 0 held by another
+_LUA_LEASE = """
+local cur = redis.call('GET', KEYS[1])
+if cur == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
+if cur then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 2
+"""
+_LUA_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
 class HeadRegistry:
+    """Head versions in Redis. One writer: the train agent holding ``heads:lease``
+    (:meth:`lease`; its publishes are fenced by the lease token, :meth:`publish`)."""
+
     def __init__(self, url: str, prefix: str, timeout_s: float | None = None) -> None:
         self.r = redis_from_url(url, timeout_s, decode=False)
         self.p = prefix
+        self.lease_ms = 10_000
+        self._fenced_publish = self.r.register_script(_LUA_FENCED_PUBLISH)
+        self._lease = self.r.register_script(_LUA_LEASE)
+        self._release = self.r.register_script(_LUA_RELEASE)
 
     def k(self, name: str) -> str:
+        if is_cluster(self.r):  # one slot: MULTI and the lease scripts touch several keys
+            return f"{self.p}{{heads}}:{name}"
         return f"{self.p}heads:{name}"
 
     async def version(self) -> int:
         return int(await self.r.get(self.k("version")) or 0)
 
-    async def publish(self, blob: bytes, record: dict[str, Any]) -> int:
+    async def publish(self, blob: bytes, record: dict[str, Any], token: str | None = None
+                      ) -> int:
+        """Write the next version (number, weights, meta) in one step. With ``token``
+        (what the train agent passes) the write is fenced: one Lua script checks that
+        ``heads:lease`` still holds this token and writes the version only then (and
+        extends the lease), else raises :class:`LeaseLost` having written nothing. A
+        trainer that lost its lease (a GC pause, a partition, a slow Redis) can therefore
+        never interleave its versions with its successor's. Without ``token`` (tests,
+        benchmarks, single-process tools) the write is unfenced."""
+        if token is not None:
+            v = await self._fenced_publish(
+                keys=[self.k("lease"), self.k("version"), self.k("blob"), self.k("meta")],
+                args=[token, blob, json.dumps(record), self.lease_ms])
+            if int(v) < 0:
+                raise LeaseLost(f"head lease {self.k('lease')} is not held by this trainer: "
+                                "the version was not published")
+            return int(v)
         pipe = self.r.pipeline(transaction=True)
         pipe.incr(self.k("version"))
         pipe.set(self.k("blob"), blob)
         pipe.hset(self.k("meta"), mapping={"record": json.dumps(record)})
         v, _, _ = await pipe.execute()
         return int(v)
+
+    async def lease(self, token: str, ttl_s: float | None = None) -> int:
+        """Take or renew the single-writer lease (``heads:lease`` = token, expiring after
+        ``ttl_s``): 2 = taken now (it was free), 1 = renewed (this token held it),
+        0 = another trainer holds it."""
+        if ttl_s is not None:
+            self.lease_ms = max(1, int(ttl_s * 1000))
+        return int(await self._lease(keys=[self.k("lease")], args=[token, self.lease_ms]))
+
+    async def lease_holder(self) -> str | None:
+        v = await self.r.get(self.k("lease"))
+        return v.decode() if isinstance(v, bytes) else v
+
+    async def release_lease(self, token: str) -> bool:
+        """Give the lease up (graceful stop) if this token holds it: a standby takes
+        over at its next try instead of after the lease's time to live."""
+        return bool(await self._release(keys=[self.k("lease")], args=[token]))
 
     async def latest(self) -> tuple[int, bytes | None, dict[str, Any]]:
         pipe = self.r.pipeline(transaction=True)
@@ -139,8 +211,10 @@ class Ask:
     ``pop`` and ``co`` (:class:`streams.state.AggRow`): the platform's popularity and the
     co-occurrence rows of the user's recent positives there (newest first; ``co_src``:
     those items), for the model ⊕ popco hybrid (``XREC_HYBRID_WEIGHT``); without them the
-    model ranks alone. ``why`` is set by :meth:`ModelServer.answer`: the reasons
-    (:mod:`streams.explain`) of its best ``XREC_EXPLAIN_TOP`` items, as JSON."""
+    model ranks alone. An ask with no history on ``platform`` but positives elsewhere
+    also gets the text prior (:meth:`ModelServer._cold_text`). ``why`` is set by
+    :meth:`ModelServer.answer`: the reasons (:mod:`streams.explain`) of its best
+    ``XREC_EXPLAIN_TOP`` items, as JSON."""
 
     history: Sequence[HistEntry]
     platform: str
@@ -203,6 +277,21 @@ class ModelServer:
         self.window_start = time.time()
         #: drift reaction: (from, until) event time; histories then start at ``from``
         self.horizon: tuple[float, float] | None = None
+        #: platform → ((platform, text stamp, catalog size), unit centred texts): text prior
+        self._cold_cache: dict[str, tuple[tuple[str, int, int], np.ndarray]] = {}
+        grid = settings.cold_text_grid()
+        #: the text prior's weight on cold asks, chosen online (None: off)
+        self._coldw = (ColdWeight(grid, settings.cold_text_weight)
+                       if settings.cold_text_weight > 0 or any(g > 0 for g in grid) else None)
+        #: the last _hybrid call's cold asks: (rows, standardised prior, weight used)
+        self._cold_last: tuple[list[int], np.ndarray, float] | None = None
+        #: big catalogs (> XREC_ANN_MIN_ITEMS): platform → ANN index (models/ann.py), built in
+        #: a thread of its own; the platforms whose build is running; per (version,
+        #: platform) the catalog's score moments for the hybrid's standardisation
+        self._ann: dict[str, Any] = {}
+        self._ann_busy: dict[str, Any] = {}
+        self._ann_mom: dict[tuple[int, str], tuple[int, tuple[torch.Tensor, ...]]] = {}
+        self._ann_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xrec-ann")
         # warm torch's code paths now, not on the first swap (measured: 4 s → <1 s)
         warm = HeadsModel(ModelConfig(text_dim=8, dim=8, hist_len=2, buckets=8), ["w"])
         load_model(save_model(warm, compact=True))
@@ -357,16 +446,26 @@ class ModelServer:
                 parts = None
                 with torch.inference_mode():
                     sel = torch.as_tensor(idx, device=q_all.device)
-                    s = torch.addmm(b_p[None], q_all[sel], e_p.T, alpha=tau)
-                    if self.s.hybrid_weight > 0:
-                        s, parts = self._hybrid(s, [asks[n] for n in idx], p, n_items, why)
-                    if ex_r:
-                        s.index_put_((torch.as_tensor(ex_r), torch.as_tensor(ex_c)),
-                                     torch.tensor(-math.inf, device=s.device))
-                    if stage == "evaluate":
-                        self._ranks(s, targets, idx, out)
+                    ann = self._ann_for(cur, p, e_p, b_p, tau) if stage == "rank" else None
+                    if ann is not None:  # a big catalog: ANN candidates, scored exactly
+                        cols = self._ann_tops(ann, p, e_p, b_p, tau, q_all[sel],
+                                              [asks[n] for n in idx], ex_r, ex_c,
+                                              min(k, n_items), idx, out)
                     else:
-                        cols = self._tops(s, min(k, n_items), t.rows(p), idx, out)
+                        s = torch.addmm(b_p[None], q_all[sel], e_p.T, alpha=tau)
+                        self._cold_last = None
+                        if self.s.hybrid_weight > 0 or self._coldw is not None:
+                            s, parts = self._hybrid(s, [asks[n] for n in idx], p, n_items,
+                                                    why)
+                        if ex_r:
+                            s.index_put_((torch.as_tensor(ex_r), torch.as_tensor(ex_c)),
+                                         torch.tensor(-math.inf, device=s.device))
+                        if stage == "evaluate":
+                            self._ranks(s, targets, idx, out)
+                            if self._cold_last is not None:
+                                self._cold_learn(s, targets)
+                        else:
+                            cols = self._tops(s, min(k, n_items), t.rows(p), idx, out)
                 if why:
                     assert att_all is not None
                     pending.append(self._explain_prep(p, [asks[n] for n in idx], cols,
@@ -379,6 +478,157 @@ class ModelServer:
             if clock is not None:
                 clock.lap("rank")
         return out
+
+    # ------------------------------------------------------------ big catalogs
+    def _ann_for(self, cur: _Served, p: str, e_p: torch.Tensor, b_p: torch.Tensor,
+                 tau: float) -> Any:
+        """Platform ``p``'s ANN index (:class:`models.ann.AnnIndex`) when its catalog has
+        more than ``XREC_ANN_MIN_ITEMS`` items, else None (rank exactly). A missing or
+        outdated index (another head version, after ``XREC_ANN_REBUILD_S``; or 5% more
+        items) is rebuilt in the ANN thread, one build at a time: until the first one is
+        ready the platform ranks exactly, and an outdated one keeps proposing candidates,
+        which the served version scores exactly (:meth:`_ann_tops`)."""
+        n, lim = int(e_p.shape[0]), self.s.ann_min_items
+        if lim <= 0 or n <= lim:
+            return None
+        idx = self._ann.get(p)
+        stale = idx is None or n > idx.n * 1.05 + 1000 or (
+            idx.version != cur.version and time.time() - idx.built_at >= self.s.ann_rebuild_s)
+        busy = self._ann_busy.get(p)
+        if stale and (busy is None or busy.done()):
+            x = e_p.detach().float().cpu().numpy().copy()
+            b = b_p.detach().float().cpu().numpy().copy()
+            self._ann_busy[p] = self._ann_pool.submit(self._ann_build, p, x, b, tau,
+                                                      cur.version)
+        return idx
+
+    def _ann_build(self, p: str, x: np.ndarray, b: np.ndarray, tau: float, version: int
+                   ) -> None:
+        """In the ANN thread: build platform ``p``'s index, then swap it in (one assignment)."""
+        from models.ann import AnnIndex
+
+        try:
+            idx = AnnIndex(x, b, tau, ef_search=self.s.ann_ef_search, version=version)
+        except Exception:  # noqa: BLE001 - the platform keeps ranking exactly
+            log.exception("ANN index build for %s failed; ranking it exactly", p)
+            return
+        self._ann[p] = idx
+        log.info("ANN index for %s: %d items of head v%d in %.1f s", p, idx.n, version,
+                 idx.build_s)
+
+    def _ann_wait(self) -> None:
+        """Wait for the running index builds (tests, benchmarks)."""
+        for f in list(self._ann_busy.values()):
+            f.result()
+
+    def _ann_moments(self, cur: _Served, p: str, e_p: torch.Tensor, b_p: torch.Tensor
+                     ) -> tuple[torch.Tensor, ...]:
+        """The catalog's embedding mean, covariance, embedding-bias covariance, bias mean
+        and variance (float64), so a score's mean and deviation over the whole catalog
+        (the hybrid's standardisation) need no full matrix product."""
+        key = (cur.version, p)
+        n = int(e_p.shape[0])
+        hit = self._ann_mom.get(key)
+        if hit is None or abs(hit[0] - n) > 0.01 * n:
+            if hit is None:  # keep the served version's only
+                self._ann_mom = {k: v for k, v in self._ann_mom.items()
+                                 if k[0] == cur.version}
+            e, b = e_p.double(), b_p.double()
+            me, mb = e.mean(0), b.mean()
+            ec = e - me
+            hit = self._ann_mom[key] = (n, (me, ec.T @ ec / n, ec.T @ (b - mb) / n, mb,
+                                                ((b - mb) ** 2).mean()))
+        return hit[1]
+
+    def _ann_tops(self, ann: Any, p: str, e_p: torch.Tensor, b_p: torch.Tensor, tau: float,
+                  q: torch.Tensor, asks: Sequence[Ask], ex_r: list[int], ex_c: list[int],
+                  k: int, idx: list[int], out: list[Any]) -> np.ndarray:
+        """:meth:`_tops` for a big catalog. Candidates: each ask's ANN best ``k`` after
+        its exclusions (it asks for k + their number), every item the popco hybrid
+        scores above zero (the popularity row and the user's co-occurrence rows) and the
+        items added since the index was built. They are all scored exactly as the full
+        product would score them: the model's score standardised by its mean and
+        deviation over the whole catalog (from :meth:`_ann_moments`), popco's by its
+        over the whole catalog (zero off those rows), so an item outside the popco rows
+        ranks by the model alone, as in :meth:`_hybrid`. Excluded columns are masked
+        before the top-k: exclusions are exact."""
+        n = int(e_p.shape[0])
+        n_r = q.shape[0]
+        excl: list[list[int]] = [[] for _ in range(n_r)]
+        for r, c in zip(ex_r, ex_c, strict=True):
+            excl[r].append(c)
+        qn = q.detach().float().cpu().numpy()
+        parts = list(ann.candidates(qn, k, excl))
+        if n > ann.n:  # items newer than the index
+            parts.append(np.arange(ann.n, n, dtype=np.int64))
+        hyb = self.s.hybrid_weight > 0 and any(a.pop is not None or a.co for a in asks)
+        if hyb:
+            for a in asks:
+                if a.pop is not None:
+                    parts.append(self._row_cols(a.pop, p)[0])
+                parts += [self._row_cols(row, p)[0] for row in a.co]
+        u = np.unique(np.concatenate(parts)) if parts else np.empty(0, np.int64)
+        u = u[u >= 0]
+        m = int(u.size)
+        dev = q.device
+        ut = torch.from_numpy(u).to(e_p.device)
+        s = torch.addmm(b_p[ut][None], q, e_p[ut].T, alpha=tau)  # [R, m] exact
+        if hyb:
+            assert self.cur is not None
+            me, cov, ceb, mb, vb = self._ann_moments(self.cur, p, e_p, b_p)
+            qd = q.double()
+            mu = tau * (qd @ me) + mb
+            var = tau * tau * ((qd @ cov) * qd).sum(1) + 2 * tau * (qd @ ceb) + vb
+            sd = var.clamp(min=0).sqrt()
+            z = (s.double() - mu[:, None]) / torch.where(sd > 0, sd, torch.ones_like(sd))[:, None]
+            # popco over the candidates; its moments over the catalog (zero elsewhere)
+            at, cols, vals = [], [], []
+            groups: dict[int, tuple[Any, list[int]]] = {}
+            for r, a in enumerate(asks):
+                for kk, row in enumerate(a.co, start=1):
+                    c, v = self._row_cols(row, p)
+                    at.append(np.full(c.size, r, np.int64))
+                    cols.append(np.searchsorted(u, c))
+                    vals.append(v / kk)
+                groups.setdefault(id(a.pop), (a.pop, []))[1].append(r)
+            if cols:
+                flat = np.concatenate(at) * m + np.concatenate(cols)
+                co = np.bincount(flat, weights=np.concatenate(vals),
+                                 minlength=n_r * m).reshape(n_r, m)
+            else:
+                co = np.zeros((n_r, m))
+            pc = np.zeros((n_r, m))
+            blend = self.s.cooc_blend
+            for row, rs in groups.values():
+                pv = np.zeros(m)
+                if row is not None:
+                    c, v = self._row_cols(row, p)
+                    pv[np.searchsorted(u, c)] = v
+                top = pv.max() if pv.size else 0.0
+                pop_n = pv / top if top > 0 else pv
+                cr = co[rs]
+                cmax = np.maximum(cr.max(axis=1, keepdims=True) if m else 0.0, 0.0)
+                has = cmax > 0
+                pc[rs] = np.where(has, blend * cr / np.where(has, cmax, 1.0)
+                                  + (1.0 - blend) * pop_n, pop_n[None, :])
+            pmu = pc.sum(1, keepdims=True) / n
+            psd = np.sqrt(np.maximum((pc * pc).sum(1, keepdims=True) / n - pmu * pmu, 0.0))
+            pcz = (pc - pmu) / np.where(psd > 0, psd, 1.0)
+            s = (z + self.s.hybrid_weight * torch.from_numpy(pcz).to(dev)).float()
+        if ex_r:
+            pos = np.searchsorted(u, np.asarray(ex_c, np.int64))
+            ok = (pos < m) & (u[np.minimum(pos, max(m - 1, 0))] == np.asarray(ex_c)) \
+                if m else np.zeros(len(ex_c), bool)
+            if ok.any():
+                s.index_put_((torch.as_tensor(np.asarray(ex_r)[ok]), torch.as_tensor(pos[ok])),
+                             torch.tensor(-math.inf, device=s.device))
+        kk = min(k, m)
+        cols_u = self._tops(s, kk, self.tables.table.rows(p)[u], idx, out) if kk else \
+            np.full((n_r, 0), -1, np.int64)
+        top = np.where(cols_u >= 0, u[np.maximum(cols_u, 0)], -1)
+        if kk < k:
+            top = np.pad(top, ((0, 0), (0, k - kk)), constant_values=-1)
+        return top
 
     def _hybrid(self, s: torch.Tensor, asks: Sequence[Ask], p: str, n: int,
                 parts: bool = False) -> tuple[torch.Tensor, dict[str, Any] | None]:
@@ -423,9 +673,92 @@ class ModelServer:
         sd = s.std(dim=1, correction=0, keepdim=True)
         z = (s - mu) / torch.where(sd > 0, sd, torch.ones_like(sd))
         hyb = self.s.hybrid_weight * torch.from_numpy(pcz).to(z.dtype).to(z.device)
+        if self._coldw is not None:
+            cold = self._cold_text(asks, p, pv_of, n)
+            if cold is not None:
+                rows, prior = cold
+                w = self._coldw.weight
+                add = np.zeros((len(asks), n))
+                add[rows] = w * prior
+                z = z + torch.from_numpy(add).to(z.dtype).to(z.device)
+                self._cold_last = (rows, prior, w)
         if not parts:
             return z + hyb, None
         return z + hyb, {"model": z, "popco": hyb, "co": co, "pv": pv_of}
+
+    def _cold_text(self, asks: Sequence[Ask], p: str, pv_of: Sequence[np.ndarray | None],
+                   n: int) -> tuple[list[int], np.ndarray] | None:
+        """The cross-platform cold asks (no history on ``p``, positives elsewhere) and
+        their standardised text prior (:mod:`models.coldtext`) [len(rows), n]; None when
+        there is none, or when the catalog is bigger than ``XREC_ANN_MIN_ITEMS`` (not
+        computed there). The served score is then z(model) + λ·z(popco) + w·z(prior),
+        w chosen online (:class:`models.coldtext.ColdWeight`), as
+        ``models.baselines.Hybrid``."""
+        s, t = self.s, self.tables.table
+        if n > s.ann_min_items:  # a big catalog: [positives × n] text products per ask
+            return None
+        gid, has_text = t.gid, t.has_text
+        groups: dict[int, tuple[np.ndarray, list[int], list[list[int]]]] = {}
+        for r, a in enumerate(asks):
+            pv = pv_of[r]
+            if pv is None or any(h[0] == p for h in a.history):
+                continue
+            gs: list[int] = []
+            for hp, item, label, _ in a.history:  # newest first
+                if not label:
+                    continue
+                g = gid.get((hp, item))
+                if g is not None and has_text[g] and g not in gs:
+                    gs.append(g)
+                    if len(gs) >= s.cold_text_hist:
+                        break
+            if gs:
+                groups.setdefault(id(pv), (pv, [], []))[1].append(r)
+                groups[id(pv)][2].append(gs)
+        if not groups:
+            return None
+        cat = self._cold_catalog(p)
+        if cat.shape[0] != n:
+            return None
+        rows: list[int] = []
+        priors = []
+        for pv, rs, gss in groups.values():
+            vec = unit_rows(t.centered(np.fromiter(chain.from_iterable(gss), np.int64)))
+            cut = np.cumsum([len(g) for g in gss])[:-1]
+            priors.append(standardised(text_prior(np.split(vec, cut), cat, pv,
+                                                  s.cold_text_beta, s.cold_text_alpha)))
+            rows.extend(rs)
+        return rows, np.concatenate(priors)
+
+    def _cold_learn(self, s: torch.Tensor, targets: Sequence[int]) -> None:
+        """After the prequential asks were ranked: their cold ones' outcomes under every
+        candidate weight of the prior (:class:`models.coldtext.ColdWeight`)."""
+        assert self._cold_last is not None and self._coldw is not None
+        rows, prior, w = self._cold_last
+        before = self._coldw.weight
+        base = s[torch.as_tensor(rows)].double().cpu().numpy() - w * prior  # -inf stays
+        self._coldw.learn(base, prior, [targets[r] for r in rows])
+        if self._coldw.weight != before:
+            log.info("text prior weight on cross-platform cold starts: %g → %g (after %d "
+                     "cold asks)", before, self._coldw.weight, self._coldw.asks)
+
+    @property
+    def cold_text_weight(self) -> float:
+        """The text prior's weight on cold asks now (0: off)."""
+        return self._coldw.weight if self._coldw is not None else 0.0
+
+    def _cold_catalog(self, p: str) -> np.ndarray:
+        """Unit-length centred text vectors of ``p``'s catalog, :meth:`ItemTable.rows`
+        order (cached per text stamp and catalog size)."""
+        t = self.tables.table
+        rows = t.rows(p)
+        key = (p, self.tables.stamp, len(rows))
+        hit = self._cold_cache.get(p)
+        if hit is None or hit[0] != key:
+            x = unit_rows(t.centered(rows))
+            x[~np.asarray(t.has_text, dtype=bool)[rows]] = 0.0
+            hit = self._cold_cache[p] = (key, x)
+        return hit[1]
 
     def _explain_prep(self, p: str, asks: Sequence[Ask], cols: np.ndarray, hist: np.ndarray,
                       positive: np.ndarray, att: torch.Tensor, parts: dict[str, Any] | None

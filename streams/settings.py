@@ -6,7 +6,7 @@ everything else ``XREC_*`` (e.g. ``XREC_PSEUDONYM_SECRET``, ``XREC_TOPIC_PREFIX`
 
 from __future__ import annotations
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings", "DEV_SECRET"]
@@ -29,8 +29,21 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         None,
         validation_alias=AliasChoices("REDIS_URL", "redis_url"),
-        description="redis:// or unix:// URL; unset → `xrec dev` starts an embedded Redis",
+        description="redis:// or unix:// URL, or redis+cluster://host:port[,host:port...] "
+        "(rediss+cluster:// with TLS) for a Redis Cluster (state spread over "
+        "XREC_REDIS_SHARDS tag-shards, streams/keys.py); unset → `xrec dev` starts an "
+        "embedded Redis",
     )
+    redis_shards: int = Field(16, ge=1, le=1024, description=(
+        "Redis Cluster only: tag-shards the users are spread over (keys tagged {sNN}); each "
+        "micro-batch makes one script call per shard it touches, readers sum the shards' "
+        "aggregates. Fixed for the life of the data: changing it strands the state"))
+    redis_wait_replicas: int = Field(0, ge=0, le=16, description=(
+        "after each apply, WAIT until this many replicas acknowledged it (else retry), so "
+        "a failover cannot lose an applied, committed batch; 0 = do not wait (replication "
+        "is asynchronous)"))
+    redis_wait_timeout_ms: int = Field(1000, ge=1, description=(
+        "how long an apply waits for XREC_REDIS_WAIT_REPLICAS before it is retried"))
 
     # --- naming ---------------------------------------------------------------------
     topic_prefix: str = "xrec."
@@ -88,6 +101,38 @@ class Settings(BaseSettings):
         0.2, ge=0, description="with the model: served score = the model's + this × popco's "
         "(popularity ⊕ co-occurrence), both standardised over the platform's catalog; "
         "0 = the model alone (README, Quality)")
+    cold_text_weight: float = Field(
+        1.0, ge=0, description="with the model: on a cross-platform cold ask (no history on "
+        "the platform, positives elsewhere) the served score also gets a weight × the text "
+        "prior (popular items of the platform whose texts are near the user's positives "
+        "elsewhere, models/coldtext.py), standardised; this is the starting weight, then "
+        "the worker picks among XREC_COLD_TEXT_WEIGHTS by the cold asks' prequential "
+        "NDCG@10 (README, Quality)")
+    cold_text_weights: str = Field(
+        "0,0.5,1,2,4", description="comma list: the weights the text prior's weight is "
+        "chosen among online; one value (or XREC_COLD_TEXT_WEIGHT alone, with this empty) "
+        "fixes it; 0 and empty: off")
+    cold_text_beta: float = Field(10.0, gt=0, description="text prior: softmax sharpness β "
+                                  "over cosine similarities")
+    cold_text_alpha: float = Field(0.3, gt=0, description="text prior: mass α spread "
+                                   "uniformly over the catalog (how little one positive says)")
+    cold_text_hist: int = Field(20, ge=1, le=200, description="text prior: the user's last "
+                                "this many distinct positives are read")
+
+    @field_validator("cold_text_weights")
+    @classmethod
+    def _weights(cls, v: str) -> str:
+        try:
+            ws = [float(x) for x in v.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"XREC_COLD_TEXT_WEIGHTS: not a comma list of numbers: {v!r}"
+                             ) from None
+        if any(w < 0 or w != w for w in ws):
+            raise ValueError("XREC_COLD_TEXT_WEIGHTS: weights must be ≥ 0")
+        return v
+
+    def cold_text_grid(self) -> tuple[float, ...]:
+        return tuple(float(x) for x in self.cold_text_weights.split(",") if x.strip())
     explain_top: int = Field(
         3, ge=0, le=1000, description="the best this many items of each refresh carry a "
         "reason (items[].why: README, Why this item); 0 = none")
@@ -129,11 +174,27 @@ class Settings(BaseSettings):
                                    "agent may use: after a batch that took d seconds it "
                                    "starts the next one d / share after (`xrec dev`: 0.3)")
     train_device: str = Field("auto", description="auto | cpu | cuda (training and serving)")
+    train_lease_s: float = Field(10.0, ge=1, le=600, description="time to live of the train "
+                                 "agent's head lease (heads:lease): one trainer publishes head "
+                                 "versions; a standby takes over this long after the holder "
+                                 "died (renewed every third of it)")
     torch_threads: int = Field(1, ge=0, description="CPU threads for the model in a worker; "
                                "0 = torch's default (all cores)")
     head_poll_s: float = Field(0.25, gt=0, description="how often recommenders look for a new "
                                "head version")
     quality_window_s: float = Field(10.0, gt=0, description="xrec.metrics.quality period")
+    ann_min_items: int = Field(50_000, ge=0, description="a platform whose catalog has more "
+                               "items than this is ranked through an ANN index "
+                               "(models/ann.py: HNSW candidates, then exact re-scoring) "
+                               "instead of a full matrix product; 0 = never (README, "
+                               "Capacity: bench/scale.py)")
+    ann_ef_search: int = Field(384, ge=16, description="ANN search beam: higher = better "
+                               "recall, slower (recall@10 ≥ 0.95 on 10^6 random 64-d vectors "
+                               "needs ~256-512)")
+    ann_rebuild_s: float = Field(600.0, gt=0, description="an ANN index is rebuilt (in a "
+                                 "thread) for a newer head version at most this often; in "
+                                 "between the older index proposes candidates and the served "
+                                 "version scores them exactly")
 
     # --- drift (models/drift.py) ---------------------------------------------------------
     drift_enabled: bool = Field(True, description="run the drift monitor in recommend workers")

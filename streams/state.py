@@ -19,8 +19,16 @@ batch is applied by one script that also advances the watermarks. So:
 * two workers racing on one partition during a rebalance: scripts run one at a time, so
   the second skips what the first applied.
 
-Redis Cluster is not supported (keys are computed inside the script); use a single
-primary (with replicas / Sentinel) per deployment.
+Redis Cluster (``REDIS_URL=redis+cluster://host:port,…``): the same script runs once per
+tag-shard of the batch's users, with that shard's key prefix ``<prefix>{sNN}:`` (see
+:mod:`streams.keys`): every key it touches, the shard's watermarks included, is in the
+slot of ``{sNN}``. Each event belongs to one user, so to one shard, and its watermark check
+and its effects are in the same atomic call: exactly-once holds per shard, hence overall.
+The global aggregates (popularity, co-occurrence, users, counters) are kept per shard in
+that same call and summed by the readers. A batch whose calls partly failed is retried
+whole: the shards that applied skip it. ``XREC_REDIS_WAIT_REPLICAS`` > 0 makes each apply
+wait until that many replicas acknowledged it (``WAIT``), so a failover cannot lose an
+applied batch whose offsets the worker then commits.
 
 Redis keys (prefix ``XREC_REDIS_PREFIX``, default ``xrec:``), all keyed by pseudonymous
 user keys only::
@@ -59,17 +67,25 @@ from typing import Any
 
 import numpy as np
 import redis.asyncio as aioredis
+from redis.exceptions import (
+    ClusterDownError,
+    NoScriptError,
+    RedisClusterUnreachableError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from models.popco import SCORER_VERSION, popco_scores
 from streams.explain import popco_reasons
+from streams.keys import Keys
 from streams.records import Interaction
 from streams.settings import Settings
 
 __all__ = ["RedisState", "ApplyResult", "Touched", "AggRow", "RecsOut", "redis_from_url",
-           "row_lookup"]
+           "row_lookup", "is_cluster", "is_cluster_url", "redis_keys", "NotReplicatedError",
+           "read_merged"]
 
 log = logging.getLogger("xrec.state")
 
@@ -79,6 +95,9 @@ _CO_CACHE_MAX = 50_000
 #: popularity entries the model ⊕ popco hybrid reads per platform (the rest count as 0)
 POP_ROW_MAX = 5000
 _Pop = tuple[list[tuple[str, float]], dict[str, float]]
+#: errors that mean "Redis is not reachable now" (a failover in a cluster included)
+_RETRIED = (RedisConnectionError, RedisTimeoutError, OSError, ClusterDownError, TryAgainError,
+            SlotNotCoveredError, RedisClusterUnreachableError)
 _LUA_DIR = Path(__file__).parent / "lua"
 _LUA_APPLY = (_LUA_DIR / "apply.lua").read_text()
 _LUA_UNSEEN = (_LUA_DIR / "unseen.lua").read_text()
@@ -86,14 +105,73 @@ _LUA_DEADLETTER = (_LUA_DIR / "deadletter.lua").read_text()
 _LUA_CACHE = (_LUA_DIR / "cache.lua").read_text()
 
 
+_CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
+
+
+class NotReplicatedError(RedisConnectionError):
+    """``WAIT`` saw fewer replicas than ``XREC_REDIS_WAIT_REPLICAS`` acknowledge an apply
+    in time: retried like an outage (the retry's script skips what was applied)."""
+
+
+def is_cluster_url(url: str) -> bool:
+    return url.startswith(_CLUSTER_SCHEMES)
+
+
+def is_cluster(r: Any) -> bool:
+    """Whether ``r`` is a Redis Cluster client (``redis+cluster://`` URL)."""
+    from redis.asyncio.cluster import RedisCluster
+
+    return isinstance(r, RedisCluster)
+
+
 def redis_from_url(url: str, timeout_s: float | None = None, decode: bool = True
-                   ) -> aioredis.Redis:
+                   ) -> Any:
     """The worker's Redis clients (state, vectors, head versions). With ``timeout_s`` a
     Redis that stops answering (paused, partitioned) raises after that long, so the call is
     counted and retried with backoff instead of hanging unseen. Retrying is safe: the apply
-    script is idempotent."""
+    script is idempotent.
+
+    ``redis+cluster://[user:password@]host:port[,host:port…]`` (``rediss+cluster://`` for
+    TLS) gives a :class:`redis.asyncio.cluster.RedisCluster` seeded with those nodes: with
+    it, :class:`RedisState` uses the cluster key layout (:mod:`streams.keys`)."""
+    if is_cluster_url(url):
+        return _cluster_from_url(url, timeout_s, decode)
     return aioredis.Redis.from_url(url, decode_responses=decode, health_check_interval=10,
                                    socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+
+
+def _cluster_from_url(url: str, timeout_s: float | None, decode: bool) -> Any:
+    from urllib.parse import unquote
+
+    from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+    from streams.errors import ConfigError
+
+    scheme, rest = url.split("://", 1)
+    netloc = rest.split("/", 1)[0].split("?", 1)[0]
+    user = password = None
+    if "@" in netloc:
+        cred, netloc = netloc.rsplit("@", 1)
+        user, _, password = cred.partition(":")
+        user, password = unquote(user) or None, unquote(password) or None
+    nodes = []
+    for hp in filter(None, netloc.split(",")):
+        host, _, port = hp.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"REDIS_URL: {hp!r} is not host:port (expected "
+                              "redis+cluster://host:port[,host:port...])")
+        nodes.append(ClusterNode(host.strip("[]"), int(port)))
+    if not nodes:
+        raise ConfigError("REDIS_URL: redis+cluster:// needs at least one host:port")
+    return RedisCluster(startup_nodes=nodes, decode_responses=decode, username=user,
+                        password=password, ssl=scheme.startswith("rediss"),
+                        socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                        health_check_interval=10)
+
+
+def redis_keys(r: Any, settings: Settings) -> Keys:
+    """The key names for client ``r``: single mode's, or tagged ones on a cluster."""
+    return Keys(settings.redis_prefix, settings.redis_shards if is_cluster(r) else 0)
 
 
 class AggRow:
@@ -207,6 +285,9 @@ class RedisState:
         self.p = settings.redis_prefix
         self.unified_topic = unified_topic
         self.epoch = epoch
+        self.cluster = is_cluster(redis)
+        #: key names (single mode: the names above; cluster: :mod:`streams.keys`)
+        self.keys = redis_keys(redis, settings)
         self._apply_script = redis.register_script(_LUA_APPLY)
         self._unseen_script = redis.register_script(_LUA_UNSEEN)
         self._deadletter_script = redis.register_script(_LUA_DEADLETTER)
@@ -223,8 +304,16 @@ class RedisState:
     def k(self, *parts: object) -> str:
         return self.p + ":".join(str(x) for x in parts)
 
-    def wm_key(self, q: int) -> str:
-        return self.k("wm", self.epoch, self.unified_topic, q)
+    def wm_key(self, q: int, shard: int = 0) -> str:
+        return self.keys.wm(shard, self.epoch, self.unified_topic, q)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, unified_topic: str, epoch: str | None = None
+                      ) -> RedisState:
+        """``RedisState`` on ``settings.redis_url`` (single Redis, or a cluster for a
+        ``redis+cluster://`` URL): ``RedisState.from_settings(Settings(redis_url=...), t)``."""
+        return cls(redis_from_url(settings.redis_url or "", settings.redis_timeout_s),
+                   settings, unified_topic, epoch or settings.state_epoch)
 
     # --------------------------------------------------------------- retries
     async def _retry(self, what: str, fn):  # type: ignore[no-untyped-def]
@@ -233,7 +322,7 @@ class RedisState:
         while True:
             try:
                 return await fn()
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            except _RETRIED as exc:
                 log.warning("redis unavailable during %s (%s); retrying in %.1fs", what,
                             type(exc).__name__, delay)
                 if self.on_error is not None:
@@ -246,7 +335,7 @@ class RedisState:
                                code: str) -> bool:
         """``deadlettered`` and ``deadletter:<code>`` + 1, exactly once per source record
         (a watermark per source partition, like the state's); waits out Redis outages."""
-        keys = [self.k("dlwm", self.epoch), self.k("stats")]
+        keys = [self.keys.dlwm(self.epoch), self.keys.dlstats()]
         args = [f"{src_topic}:{src_partition}", src_offset, code]
         return bool(await self._retry("dead-letter count", lambda: self._deadletter_script(
             keys=keys, args=args)))
@@ -274,28 +363,47 @@ class RedisState:
             return ApplyResult()
         s = self.s
         out = ApplyResult()
-        rows = []
-        for q, ev in batch:
+        keys = self.keys
+        groups: dict[int, tuple[list[Any], list[int]]] = {}  # shard → (rows, batch indices)
+        for n, (q, ev) in enumerate(batch):
             t = out.touched.setdefault((ev.user, ev.platform), Touched())
             t.events += 1
             t.produced_at = min(t.produced_at, ev.produced_at)
             t.event_time = max(t.event_time, ev.event_time)
-            rows.append([q, f"{ev.src_topic}:{ev.src_partition}", ev.src_offset, ev.user,
+            g = groups.get(sh := keys.shard(ev.user))
+            if g is None:
+                g = groups[sh] = ([], [])
+            g[0].append([q, f"{ev.src_topic}:{ev.src_partition}", ev.src_offset, ev.user,
                          ev.platform, ev.item, ev.label, round(ev.weight, 6),
                          round(ev.event_time, 3), ev.kind, ev.event_id])
-        req = json.dumps({
-            "p": self.p, "wm": self.wm_key(0)[:-1], "ev": rows,
-            "cfg": {"win": s.cooc_window, "recent": s.recent_len, "seen": s.seen_len,
-                    "eids": s.eid_keep, "cokeep": s.cooc_keep,
-                    "hl": s.popularity_half_life_s, "rebase": _REBASE_EXPONENT,
-                    "hist": history},
-        }, separators=(",", ":"))
+            g[1].append(n)
+        cfg = {"win": s.cooc_window, "recent": s.recent_len, "seen": s.seen_len,
+               "eids": s.eid_keep, "cokeep": s.cooc_keep,
+               "hl": s.popularity_half_life_s, "rebase": _REBASE_EXPONENT, "hist": history}
+        reqs = {sh: json.dumps({"p": keys.sp(sh), "wm": self.wm_key(0, sh)[:-1], "ev": rows,
+                                "cfg": cfg}, separators=(",", ":"))
+                for sh, (rows, _) in groups.items()}
         pops, cos = self.agg_stale(*prefetch) if prefetch is not None else ([], [])
-        if pops or cos:
-            raw = await self._retry("apply", lambda: self._apply_after_reads(req, pops, cos))
+        if self.cluster:
+            if pops or cos:  # read before the scripts: the rows hold nothing of this batch
+                await self._retry("aggregates", lambda: self._fetch_merged(pops, cos,
+                                                                           self.seq))
+            calls = [(keys.stats(sh), req) for sh, req in reqs.items()]
+            raws = await self._retry("apply", lambda: self._eval_many(
+                _LUA_APPLY, self._apply_script.sha, calls, wait=True))
+            res = _merge_results([json.loads(x) for x in raws],
+                                 [groups[sh][1] for sh in reqs])
         else:
-            raw = await self._retry("apply", lambda: self._apply_script(args=[req]))
-        res = json.loads(raw)
+            req = reqs[0]
+            if pops or cos:
+                raw = await self._retry("apply",
+                                        lambda: self._apply_after_reads(req, pops, cos))
+            elif s.redis_wait_replicas:
+                raw = (await self._retry("apply", lambda: self._eval_many(
+                    _LUA_APPLY, self._apply_script.sha, [(None, req)], wait=True)))[0]
+            else:
+                raw = await self._retry("apply", lambda: self._apply_script(args=[req]))
+            res = json.loads(raw)
         out.applied, out.dup_offset, out.dup_event = res["a"], res["o"], res["e"]
         recent = res.get("r") or {}
         for (u, p), t in out.touched.items():
@@ -305,6 +413,53 @@ class RedisState:
             _histories(out, batch, res, history)
         return out
 
+    async def _eval_many(self, src: str, sha: str, calls: Sequence[tuple[str | None, str]],
+                         wait: bool = False) -> list[Any]:
+        """Run a script once per (routing key, JSON argument), pipelined (on a cluster: one
+        pipeline per node, the nodes concurrently). ``wait``: then ``WAIT`` for
+        ``XREC_REDIS_WAIT_REPLICAS`` replicas on each node written (same connection, so it
+        covers these writes); fewer acknowledgements raise :class:`NotReplicatedError`."""
+        reps = self.s.redis_wait_replicas if wait else 0
+        for _ in range(2):
+            pipe = self.r.pipeline(transaction=False)
+            for key, arg in calls:
+                if key is None:
+                    pipe.evalsha(sha, 0, arg)
+                else:
+                    pipe.evalsha(sha, 1, key, arg)
+            n_wait = 0
+            if reps:
+                ms = self.s.redis_wait_timeout_ms
+                if self.cluster:
+                    nodes, where = {}, {}
+                    for key, _ in calls:
+                        node = self.r.get_node_from_key(key)
+                        nodes[node.name] = node
+                        where[key] = node.name
+                    for node in nodes.values():
+                        pipe.execute_command("WAIT", reps, ms, target_nodes=node)
+                    n_wait = len(nodes)
+                else:
+                    pipe.execute_command("WAIT", reps, ms)
+                    n_wait = 1
+            try:
+                res = await pipe.execute()
+            except NoScriptError:  # a restarted, flushed or new (failed-over) primary
+                await self.r.script_load(src)
+                continue
+            if n_wait:
+                acks = res[len(calls):]
+                if any(int(a) < reps for a in acks):
+                    raise NotReplicatedError(f"WAIT {reps}: acknowledged by {acks}")
+                if self.cluster and any(self.r.get_node_from_key(key).name != name
+                                        for key, name in where.items()):
+                    # a script was redirected (MOVED: failover, resharding), so its WAIT
+                    # went elsewhere: again (it skips what it applied, then waits right)
+                    raise NotReplicatedError("a slot moved during the apply")
+                res = res[:len(calls)]
+            return list(res)
+        raise RuntimeError("a script could not be loaded into Redis")
+
     async def _apply_after_reads(self, req: str, pops: list[str], cos: list[tuple[str, str]]
                                  ) -> str:
         """The hybrid's rows, then the apply script, in one pipeline (one round trip)."""
@@ -312,11 +467,18 @@ class RedisState:
             pipe = self.r.pipeline(transaction=False)
             self._agg_reads(pipe, pops, cos)
             pipe.evalsha(self._apply_script.sha, 0, req)
+            reps = self.s.redis_wait_replicas
+            if reps:
+                pipe.execute_command("WAIT", reps, self.s.redis_wait_timeout_ms)
             try:
                 res = await pipe.execute()
             except NoScriptError:  # a restarted or flushed Redis: load it and go again
                 await self.r.script_load(_LUA_APPLY)
                 continue
+            if reps:
+                if int(res[-1]) < reps:
+                    raise NotReplicatedError(f"WAIT {reps}: acknowledged by {res[-1]}")
+                res = res[:-1]
             self._agg_store(pops, cos, res, self.seq)
             return res[-1]  # type: ignore[no-any-return]
         raise RuntimeError("the apply script could not be loaded into Redis")
@@ -357,6 +519,10 @@ class RedisState:
         stale_p, stale_c = self.agg_stale(pops, cos)
         if not stale_p and not stale_c:
             return
+        if self.cluster:
+            await self._retry("aggregates", lambda: self._fetch_merged(stale_p, stale_c,
+                                                                       self.seq + 1))
+            return
 
         async def _do() -> list[Any]:
             pipe = self.r.pipeline(transaction=False)
@@ -365,11 +531,26 @@ class RedisState:
 
         self._agg_store(stale_p, stale_c, await self._retry("aggregates", _do), self.seq + 1)
 
+    async def _fetch_merged(self, pops: list[str], cos: list[tuple[str, str]], before: int
+                            ) -> None:
+        """(cluster) The hybrid's rows, summed over the shards, into ``agg_pop/agg_co``."""
+        res = await self._read_merged(pops, cos, POP_ROW_MAX, self.s.cooc_read)
+        self._agg_store(pops, cos, res, before)
+
+    async def _read_merged(self, pops: Sequence[str], cos: Sequence[tuple[str, str]],
+                           pop_n: int, co_n: int) -> list[list[tuple[str, float]]]:
+        """(cluster) Rows of ``pop:<p>`` then ``co:<p>:<item>``, best first, each the sum
+        over the shards of the shards' best ``pop_n`` / ``co_n`` entries (an entry that is
+        in no shard's best n is missed, as a single Redis's row misses what it trimmed).
+        Shard popularity is relative to each shard's anchor: rescaled to the smallest."""
+        return await read_merged(self.r, self.keys, pops, cos, pop_n, co_n,
+                                 self.s.popularity_half_life_s)
+
     async def history(self, users: Iterable[str], n: int) -> dict[str, list[HistEntry]]:
         users = list(users)
         rd = self.r.pipeline(transaction=False)
         for u in users:
-            rd.zrevrange(self.k("u", u, "history"), 0, n - 1)
+            rd.zrevrange(self.keys.u(u, "history"), 0, n - 1)
         res = await rd.execute()
         return {u: [_entry(x) for x in lst] for u, lst in zip(users, res, strict=True)}
 
@@ -382,7 +563,7 @@ class RedisState:
         async def _do() -> list[Any]:
             rd = self.r.pipeline(transaction=False)
             for u, p in pairs:
-                rd.zrange(self.k("u", u, p, "seen"), 0, -1)
+                rd.zrange(self.keys.u(u, p, "seen"), 0, -1)
             return await rd.execute()
 
         res = await self._retry("seen", _do)
@@ -401,6 +582,10 @@ class RedisState:
         hit = self._pop_cache.get(platform)
         if hit is not None and now - hit[0] < _CACHE_TTL_S:
             return hit[1]
+        if self.cluster:
+            lst = (await self._read_merged([platform], [], self.s.pop_candidates, 0))[0]
+            self._pop_cache[platform] = (now, (lst, dict(lst)))
+            return lst, dict(lst)
         lst = await self.r.zrevrange(self.k("pop", platform), 0, self.s.pop_candidates - 1,
                                      withscores=True)
         lst = [(str(i), float(sc)) for i, sc in lst]
@@ -419,10 +604,15 @@ class RedisState:
             else:
                 missing.append(key)
         if missing:
-            rd = self.r.pipeline(transaction=False)
-            for p, i in missing:
-                rd.zrevrange(self.k("co", p, i), 0, self.s.cooc_read - 1, withscores=True)
-            for key, lst in zip(missing, await rd.execute(), strict=True):
+            if self.cluster:
+                got = await self._read_merged([], missing, 0, self.s.cooc_read)
+            else:
+                rd = self.r.pipeline(transaction=False)
+                for p, i in missing:
+                    rd.zrevrange(self.k("co", p, i), 0, self.s.cooc_read - 1,
+                                 withscores=True)
+                got = await rd.execute()
+            for key, lst in zip(missing, got, strict=True):
                 out[key] = [(str(i), float(sc)) for i, sc in lst]
                 self._co_cache[key] = (now, out[key])
             if len(self._co_cache) > _CO_CACHE_MAX:
@@ -474,9 +664,22 @@ class RedisState:
                       ranked: dict[tuple[str, str], list[tuple[str, float]]], need: int
                       ) -> dict[tuple[str, str], list[int]]:
         """Indices (0-based, in rank order) of the first ``need`` unconsumed items."""
-        req = json.dumps({"p": self.p, "q": [[u, p, [i for i, _ in ranked[(u, p)]], need]
-                                             for u, p in pairs]}, separators=(",", ":"))
-        res = json.loads(await self._unseen_script(args=[req]))
+        if self.cluster:  # one call per shard (a user's seen set is in its shard)
+            keys = self.keys
+            groups: dict[int, list[tuple[str, str]]] = {}
+            for pair in pairs:
+                groups.setdefault(keys.shard(pair[0]), []).append(pair)
+            calls = [(keys.stats(sh), json.dumps(
+                {"p": keys.sp(sh), "q": [[u, p, [i for i, _ in ranked[(u, p)]], need]
+                                         for u, p in grp]}, separators=(",", ":")))
+                for sh, grp in groups.items()]
+            raws = await self._eval_many(_LUA_UNSEEN, self._unseen_script.sha, calls)
+            pairs = [pair for grp in groups.values() for pair in grp]
+            res = [x for raw in raws for x in json.loads(raw)]
+        else:
+            req = json.dumps({"p": self.p, "q": [[u, p, [i for i, _ in ranked[(u, p)]], need]
+                                                 for u, p in pairs]}, separators=(",", ":"))
+            res = json.loads(await self._unseen_script(args=[req]))
         return {pair: [i - 1 for i in (idx or [])] if isinstance(idx, list) else []
                 for pair, idx in zip(pairs, res, strict=True)}
 
@@ -484,15 +687,140 @@ class RedisState:
         """Cache each user's latest recommendations: (record, its JSON as published)."""
         if not recs:
             return
+        if self.cluster:  # one call per shard: the records and the shard's counter
+            keys = self.keys
+            groups: dict[int, list[Any]] = {}
+            for rec, payload in recs:
+                sh = keys.shard(rec.user)
+                g = groups.get(sh)
+                if g is None:
+                    g = groups[sh] = [self.s.recs_ttl_s, keys.stats(sh)]
+                g += [keys.recs(rec.platform, rec.user), payload]
+            sha = self._cache_script.sha
+            calls = [(keys.stats(sh), g) for sh, g in groups.items()]
+            await self._retry("cache", lambda: self._eval_args(_LUA_CACHE, sha, calls))
+            return
         args: list[Any] = [self.s.recs_ttl_s, self.k("stats")]
         for rec, payload in recs:
             args += [self.k("recs", rec.platform, rec.user), payload]
         await self._retry("cache", lambda: self._cache_script(args=args))
 
     # ------------------------------------------------------------------ reads
+    async def _eval_args(self, src: str, sha: str, calls: Sequence[tuple[str, list[Any]]]
+                         ) -> list[Any]:
+        """(cluster) A script per (routing key, ARGV), pipelined."""
+        for _ in range(2):
+            pipe = self.r.pipeline(transaction=False)
+            for key, args in calls:
+                pipe.evalsha(sha, 1, key, *args)
+            try:
+                return list(await pipe.execute())
+            except NoScriptError:
+                await self.r.script_load(src)
+        raise RuntimeError("a script could not be loaded into Redis")
+
     async def stats(self) -> dict[str, int]:
-        raw = await self.r.hgetall(self.k("stats"))
-        return {k: int(v) for k, v in raw.items()}
+        """The counters (on a cluster: summed over the shards' and the global hashes)."""
+        if not self.cluster:
+            raw = await self.r.hgetall(self.k("stats"))
+            return {k: int(v) for k, v in raw.items()}
+        pipe = self.r.pipeline(transaction=False)
+        for key in self.keys.stats_keys():
+            pipe.hgetall(key)
+        out: dict[str, int] = {}
+        for raw in await pipe.execute():
+            for k, v in raw.items():
+                k = k.decode() if isinstance(k, bytes) else k
+                out[k] = out.get(k, 0) + int(v)
+        return out
+
+    async def users(self) -> set[str]:
+        """Every user key applied (on a cluster: the union of the shards' sets)."""
+        pipe = self.r.pipeline(transaction=False)
+        for sh in self.keys.all_shards():
+            pipe.smembers(self.keys.users(sh))
+        return {u for part in await pipe.execute() for u in part}
+
+    async def popular(self, platform: str, n: int) -> list[tuple[str, float]]:
+        """``pop:<platform>``'s best ``n`` (on a cluster: merged over the shards)."""
+        if self.cluster:
+            return (await self._read_merged([platform], [], n, 0))[0]
+        lst = await self.r.zrevrange(self.k("pop", platform), 0, n - 1, withscores=True)
+        return [(str(i), float(sc)) for i, sc in lst]
+
+    async def neighbours(self, platform: str, item: str, n: int) -> list[tuple[str, float]]:
+        """``co:<platform>:<item>``'s best ``n`` (on a cluster: merged over the shards)."""
+        if self.cluster:
+            return (await self._read_merged([], [(platform, item)], 0, n))[0]
+        lst = await self.r.zrevrange(self.k("co", platform, item), 0, n - 1, withscores=True)
+        return [(str(i), float(sc)) for i, sc in lst]
+
+
+async def read_merged(r: Any, keys: Keys, pops: Sequence[str], cos: Sequence[tuple[str, str]],
+                      pop_n: int, co_n: int, hl: float) -> list[list[tuple[str, float]]]:
+    """(cluster) :meth:`RedisState._read_merged` for any client (the read API uses it)."""
+    shards = keys.all_shards()
+    pipe = r.pipeline(transaction=False)
+    for p in pops:
+        for sh in shards:
+            pipe.hget(keys.popmeta(sh, p), "anchor")
+            pipe.zrevrange(keys.pop(sh, p), 0, pop_n - 1, withscores=True)
+    for p, i in cos:
+        for sh in shards:
+            pipe.zrevrange(keys.co(sh, p, i), 0, co_n - 1, withscores=True)
+    raw = await pipe.execute()
+    out: list[list[tuple[str, float]]] = []
+    at, ns = 0, len(shards)
+    for _ in pops:
+        part = raw[at:at + 2 * ns]
+        at += 2 * ns
+        anchors = [float(a) for a in part[0::2] if a is not None]
+        a0 = min(anchors, default=0.0)
+        rows, weights = [], []
+        for a, row in zip(part[0::2], part[1::2], strict=True):
+            if row:
+                rows.append(row)
+                weights.append(2.0 ** ((float(a) - a0) / hl) if a is not None else 1.0)
+        out.append(_merge_rows(rows, weights, pop_n))
+    for _ in cos:
+        out.append(_merge_rows(raw[at:at + ns], None, co_n))
+        at += ns
+    return out
+
+
+def _merge_rows(rows: Sequence[Sequence[tuple[Any, float]]], weights: Sequence[float] | None,
+                n: int) -> list[tuple[str, float]]:
+    """Sum rows of (member, score); the best ``n``, in ZREVRANGE's order (score, then
+    member, descending)."""
+    acc: dict[str, float] = {}
+    get = acc.get
+    for k, row in enumerate(rows):
+        w = weights[k] if weights is not None else 1.0
+        for m, sc in row:
+            m = m.decode() if isinstance(m, bytes) else str(m)
+            acc[m] = get(m, 0.0) + float(sc) * w
+    return sorted(acc.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)[:n]
+
+
+def _merge_results(parts: Sequence[dict[str, Any]], index: Sequence[Sequence[int]]
+                   ) -> dict[str, Any]:
+    """(cluster) The per-shard answers of the apply script as one answer for the batch:
+    counts summed, dicts joined (a user is in one shard), ``i`` mapped back to 1-based
+    batch positions, in batch order."""
+    out: dict[str, Any] = {"a": 0, "o": 0, "e": 0, "r": {}, "h": {}, "s": {}, "i": []}
+    for res, idx in zip(parts, index, strict=True):
+        out["a"] += res["a"]
+        out["o"] += res["o"]
+        out["e"] += res["e"]
+        for k in ("r", "h", "s"):
+            d = res.get(k)
+            if isinstance(d, dict):
+                out[k].update(d)
+        i = res.get("i")
+        if isinstance(i, list):
+            out["i"].extend(idx[int(x) - 1] + 1 for x in i)
+    out["i"].sort()
+    return out
 
 
 def _entry(raw: str) -> HistEntry:

@@ -20,7 +20,7 @@ import numpy as np
 import redis
 
 from models.index import ItemIndex
-from streams.state import redis_from_url
+from streams.state import is_cluster, redis_from_url
 
 __all__ = ["VectorStore", "usable_text", "pack", "unpack", "load_index_sync"]
 
@@ -50,9 +50,13 @@ class VectorStore:
         self._ver: dict[str, int] = {}
 
     def key(self, platform: str) -> str:
+        if is_cluster(self.r):  # vec and vecver of a platform in one slot (MULTI in put)
+            return f"{self.p}vec:{{{self.encoder_id}:{platform}}}"
         return f"{self.p}vec:{self.encoder_id}:{platform}"
 
     def ver_key(self, platform: str) -> str:
+        if is_cluster(self.r):
+            return f"{self.p}vecver:{{{self.encoder_id}:{platform}}}"
         return f"{self.p}vecver:{self.encoder_id}:{platform}"
 
     async def missing(self, platform: str, items: Sequence[str]) -> list[bool]:
@@ -74,7 +78,8 @@ class VectorStore:
 
     async def refresh(self, platforms: Sequence[str]) -> int:
         """Reload the platforms whose version moved; returns how many were reloaded."""
-        vers = await self.r.mget([self.ver_key(p) for p in platforms])
+        keys = [self.ver_key(p) for p in platforms]
+        vers = await (self.r.mget_nonatomic(keys) if is_cluster(self.r) else self.r.mget(keys))
         n = 0
         for p, v in zip(platforms, vers, strict=True):
             ver = int(v or 0)

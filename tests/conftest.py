@@ -15,10 +15,12 @@ import pytest
 from streams.settings import Settings
 from streams.topics import Topics
 from xrec.stack import (
+    RedisClusterProcs,
     Service,
     create_topics,
     sigterm_as_interrupt,
     start_redis,
+    start_redis_cluster,
     start_tansu,
     start_worker,
     wait_worker_ready,
@@ -136,3 +138,13 @@ def worker_factory(stack: Stack, tmp_path: Path) -> Iterator:
     yield start
     for w in started:
         w.stop()
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterProcs]:
+    """Three primaries, no replicas, for the module's tests (unique prefixes per test)."""
+    cl = start_redis_cluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        yield cl
+    finally:
+        cl.stop()

@@ -64,7 +64,7 @@ def test_every_method_ranks_from_the_same_queries_with_in_batch_history():
     pq = Prequential(
         cat,
         EvalConfig(batch=4, methods=("xrec", "popularity", "itemknn", "popco", "sasrec",
-                                     "text_zero_shot")),
+                                     "text_zero_shot", "textpop")),
     )
     build = pq._build
     recs: list[Recorder] = []
@@ -85,7 +85,7 @@ def test_every_method_ranks_from_the_same_queries_with_in_batch_history():
     ]
     pq.run(events, total=len(events))
     assert [r.name for r in recs] == ["xrec", "popularity", "itemknn", "popco", "sasrec",
-                                      "text_zero_shot"]
+                                      "text_zero_shot", "textpop"]
     first = recs[0]
     for r in recs[1:]:  # the very same query objects, in the same order, for every method
         assert len(r.asked) == len(first.asked) and len(r.taught) == len(first.taught)

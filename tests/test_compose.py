@@ -160,3 +160,32 @@ def test_compose_serves_the_read_api_apart():
     assert any(str(p).endswith(f":{port}:{port}") for p in api["ports"])
     assert api["environment"]["REDIS_URL"] == svc["worker"]["environment"]["REDIS_URL"]
     assert f":{port}/healthz" in " ".join(api["healthcheck"]["test"])
+
+
+def test_the_worker_scales_in_one_group_over_enough_partitions():
+    """`docker compose up --scale worker=3` works by construction: the replicas carry no
+    fixed name or host port (they would clash), share one consumer group, and the topics
+    get at least as many partitions as workers (a worker beyond that gets none)."""
+    svc = _services()
+    w = svc["worker"]
+    assert "container_name" not in w and "hostname" not in w
+    # host ports: none fixed ("8080:80" or "127.0.0.1:8080:80"); container-only is fine
+    assert all(str(p).count(":") == 0 for p in w.get("ports", []))
+    env = w["environment"]
+    assert env.get("XREC_APP_ID", "xrec") == "xrec"  # every replica in the one group
+    # at least, and a multiple of, the README's example scale: Faust's sticky assignor gives
+    # a worker at most ceil(partitions / workers), so 4 over 3 workers can be 2 / 2 / 0
+    assert int(env["XREC_PARTITIONS"]) >= 3 and int(env["XREC_PARTITIONS"]) % 3 == 0
+    # `xrec topics` (the worker's command) creates the topics with XREC_PARTITIONS
+    assert " ".join(w["command"]).count("xrec topics") == 1
+    from streams.settings import Settings
+
+    assert Settings(partitions=env["XREC_PARTITIONS"]).partitions == int(env["XREC_PARTITIONS"])
+    # every service reads the same count (the anchor): no worker sees fewer partitions
+    for name in ("trainer", "api"):
+        assert svc[name]["environment"]["XREC_PARTITIONS"] == env["XREC_PARTITIONS"]
+    # Prometheus finds each replica by DNS, not by a fixed target
+    doc = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    names = {n for job in doc["scrape_configs"] for sd in job.get("dns_sd_configs", [])
+             for n in sd["names"]}
+    assert "worker" in names

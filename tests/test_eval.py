@@ -27,9 +27,9 @@ def test_eval_on_user_files_prints_the_json_contract_last(tmp_path):
                          "ratio_ci95"}
     assert last["dataset"] == "files" and last["events"] == 1500
     assert set(last["methods"]) == {"xrec", "popularity", "itemknn", "popco", "sasrec",
-                                    "text_zero_shot", "xrec_frozen", "xrec_model"}
+                                    "text_zero_shot", "textpop", "xrec_frozen", "xrec_model"}
     best = last["best_baseline"]
-    assert best in {"popularity", "itemknn", "popco", "sasrec", "text_zero_shot"}
+    assert best in {"popularity", "itemknn", "popco", "sasrec", "text_zero_shot", "textpop"}
     assert last["methods"][best]["ndcg@10"] == max(
         last["methods"][m]["ndcg@10"] for m in last["methods"]
         if m not in ("xrec", "xrec_frozen", "xrec_model"))

@@ -635,9 +635,10 @@ def similar(item: str | None, platform: str | None, text: str | None, to: str | 
               "and after which xrec_frozen stops learning")
 @click.option("--methods", default=",".join(("xrec", "xrec_model", "popularity", "itemknn",
                                              "popco", "sasrec", "text_zero_shot",
-                                             "xrec_frozen")),
+                                             "textpop", "xrec_frozen")),
               show_default=True, help="comma list of methods to run (xrec: what the worker "
-              "serves, the model's scores plus XREC_HYBRID_WEIGHT times popco's; "
+              "serves, the model's scores plus XREC_HYBRID_WEIGHT times popco's, plus "
+              "XREC_COLD_TEXT_WEIGHT times the text prior on cross-platform cold starts; "
               "xrec_model: the model's alone)")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True, help="where the model trains")
@@ -658,14 +659,17 @@ def eval_cmd(dataset: str | None, events: tuple[str, ...], catalogs: tuple[str, 
     the same exclusions and candidates. Same normalizer, encoder, model and trainer as the
     worker; no broker, full speed. Methods: xrec (what the worker serves: the model,
     trained online, its scores plus XREC_HYBRID_WEIGHT times popco's, both standardised
-    per query), xrec_model (the model's scores alone), xrec_frozen (xrec with the model
-    trained during the warm-up only), popularity (decayed; half-life chosen on the
-    warm-up), itemknn (cosine item-kNN, popularity fallback; window chosen on the
-    warm-up), popco (what the worker
-    serves without the model, with its XREC_POPULARITY_HALF_LIFE_S and XREC_COOC_*
+    per query, plus XREC_COLD_TEXT_WEIGHT times the standardised text prior when the user
+    has no history on the platform but positives elsewhere), xrec_model (the model's
+    scores alone), xrec_frozen (xrec with the model trained during the warm-up only),
+    popularity (decayed; half-life chosen on the warm-up), itemknn (cosine item-kNN,
+    popularity fallback; window chosen on the warm-up), popco (what the worker serves
+    without the model, with its XREC_POPULARITY_HALF_LIFE_S and XREC_COOC_*
     settings), sasrec (self-attentive sequential model over item ids, 2 blocks, dim 64,
     trained online with xrec's optimizer steps per micro-batch; learning rate chosen on
-    the warm-up), text_zero_shot (the language model alone, never trained). The table
+    the warm-up), text_zero_shot (the language model alone, never trained), textpop
+    (popularity times a softmax over the texts near the user's recent positives, never
+    trained; β, α and half-life chosen on the warm-up). The table
     reports each baseline's chosen settings and xrec's NDCG@10 ratio to the best
     baseline with a 95% paired bootstrap interval over users.
 
@@ -703,7 +707,9 @@ def eval_cmd(dataset: str | None, events: tuple[str, ...], catalogs: tuple[str, 
                      popco_half_life_s=s.popularity_half_life_s, popco_window=s.cooc_window,
                      popco_keep=s.cooc_keep, popco_read=s.cooc_read,
                      popco_blend=s.cooc_blend,
-                     hybrid_weight=s.hybrid_weight)
+                     hybrid_weight=s.hybrid_weight,
+                     cold_text=(s.cold_text_weight, s.cold_text_beta, s.cold_text_alpha,
+                                s.cold_text_hist), cold_text_grid=s.cold_text_grid())
     cfg.train.seed = cfg.model.seed = seed
     out = sys.stderr if as_json else sys.stdout
 

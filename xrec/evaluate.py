@@ -376,7 +376,7 @@ def _encode(settings: Settings, texts: dict[str, dict[str, str]], say: Callable[
 
 
 #: what xrec is compared with (xrec_model, xrec_frozen: ablations of xrec, not baselines)
-BASELINES = ("popularity", "itemknn", "popco", "sasrec", "text_zero_shot")
+BASELINES = ("popularity", "itemknn", "popco", "sasrec", "text_zero_shot", "textpop")
 
 
 def comparison(pq: Prequential, res: dict[str, Any]) -> dict[str, Any]:

