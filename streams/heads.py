@@ -701,7 +701,9 @@ class ModelServer:
         groups: dict[int, tuple[np.ndarray, list[int], list[list[int]]]] = {}
         for r, a in enumerate(asks):
             pv = pv_of[r]
-            if pv is None or any(h[0] == p for h in a.history):
+            # consumed items on p (Redis' seen set, or earlier in the batch): not cold; this
+            # skips the history scan for almost every ask
+            if pv is None or a.exclude or a.extra or any(h[0] == p for h in a.history):
                 continue
             gs: list[int] = []
             for hp, item, label, _ in a.history:  # newest first
