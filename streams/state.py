@@ -413,20 +413,23 @@ class RedisState:
             _histories(out, batch, res, history)
         return out
 
-    async def _eval_many(self, src: str, sha: str, calls: Sequence[tuple[str | None, str]],
+    async def _eval_many(self, src: str, sha: str,
+                         calls: Sequence[tuple[str | None, str | Sequence[Any]]],
                          wait: bool = False) -> list[Any]:
-        """Run a script once per (routing key, JSON argument), pipelined (on a cluster: one
-        pipeline per node, the nodes concurrently). ``wait``: then ``WAIT`` for
+        """Run a script once per (routing key, argument: one JSON string or an ARGV list),
+        pipelined (on a cluster: one pipeline per node, the nodes concurrently). ``wait``:
+        then ``WAIT`` for
         ``XREC_REDIS_WAIT_REPLICAS`` replicas on each node written (same connection, so it
         covers these writes); fewer acknowledgements raise :class:`NotReplicatedError`."""
         reps = self.s.redis_wait_replicas if wait else 0
         for _ in range(2):
             pipe = self.r.pipeline(transaction=False)
             for key, arg in calls:
+                argv = [arg] if isinstance(arg, str) else list(arg)
                 if key is None:
-                    pipe.evalsha(sha, 0, arg)
+                    pipe.evalsha(sha, 0, *argv)
                 else:
-                    pipe.evalsha(sha, 1, key, arg)
+                    pipe.evalsha(sha, 1, key, *argv)
             n_wait = 0
             if reps:
                 ms = self.s.redis_wait_timeout_ms
@@ -698,7 +701,7 @@ class RedisState:
                 g += [keys.recs(rec.platform, rec.user), payload]
             sha = self._cache_script.sha
             calls = [(keys.stats(sh), g) for sh, g in groups.items()]
-            await self._retry("cache", lambda: self._eval_args(_LUA_CACHE, sha, calls))
+            await self._retry("cache", lambda: self._eval_many(_LUA_CACHE, sha, calls))
             return
         args: list[Any] = [self.s.recs_ttl_s, self.k("stats")]
         for rec, payload in recs:
@@ -706,19 +709,6 @@ class RedisState:
         await self._retry("cache", lambda: self._cache_script(args=args))
 
     # ------------------------------------------------------------------ reads
-    async def _eval_args(self, src: str, sha: str, calls: Sequence[tuple[str, list[Any]]]
-                         ) -> list[Any]:
-        """(cluster) A script per (routing key, ARGV), pipelined."""
-        for _ in range(2):
-            pipe = self.r.pipeline(transaction=False)
-            for key, args in calls:
-                pipe.evalsha(sha, 1, key, *args)
-            try:
-                return list(await pipe.execute())
-            except NoScriptError:
-                await self.r.script_load(src)
-        raise RuntimeError("a script could not be loaded into Redis")
-
     async def stats(self) -> dict[str, int]:
         """The counters (on a cluster: summed over the shards' and the global hashes)."""
         if not self.cluster:
