@@ -21,8 +21,9 @@ What it does
    interleaved in time order within a group.
 
    * ``bytes_per_user``: ``MEMORY USAGE <key> SAMPLES 0`` summed over every key of a
-     sample of users (``u:<user>:<platform>:recent|seen|rpos``, ``u:<user>:eids|history|
-     stats``) + the user's share of the ``users`` set, averaged; the breakdown per key type
+     sample of users (``u:<user>:<platform>:seen|rpos|ef``, ``u:<user>:history|stats``;
+     a key of a sampled user outside this list fails the run) + the user's share of the
+     ``users`` set, averaged; the breakdown per key type
      is printed. Global aggregates (``pop:*``, ``co:*``: per item, not per user) are
      reported apart, and so is ``used_memory`` growth / users.
    * ``redis_calls_per_event``: Redis commands executed per applied event, from ``INFO
@@ -89,8 +90,8 @@ import numpy as np  # noqa: E402
 
 PLATFORMS = ("shop", "video", "music")
 KIND = {"shop": "purchase", "video": "watch", "music": "play"}
-USER_KEYS = ("recent", "seen", "rpos")  # per user and platform
-USER_KEYS_X = ("eids", "history", "stats")  # per user
+USER_KEYS = ("seen", "rpos", "ef")  # per user and platform
+USER_KEYS_X = ("history", "stats")  # per user
 
 
 def log(msg: str) -> None:
@@ -159,7 +160,7 @@ def measure_state(args: argparse.Namespace, url: str) -> dict[str, Any]:
     import redis as redis_sync
 
     from streams.settings import Settings
-    from streams.state import RedisState, redis_from_url
+    from streams.state import FP_WIDTH, RedisState, redis_from_url
 
     s = Settings(env="dev", kafka_bootstrap_servers="unused:9092", redis_url=url,
                  redis_prefix="sc:")
@@ -207,6 +208,11 @@ def measure_state(args: argparse.Namespace, url: str) -> dict[str, Any]:
                     sorted(calls.items(), key=lambda kv: -kv[1])) + " per event")
     # ---- bytes
     sample = users[:: max(1, len(users) // args.sample)][: args.sample]
+    known = {f"sc:u:{u}:{p}:{k}" for u in sample[:50] for p in PLATFORMS for k in USER_KEYS}
+    known |= {f"sc:u:{u}:{k}" for u in sample[:50] for k in USER_KEYS_X}
+    other = sorted({k for u in sample[:50] for k in sync.keys(f"sc:u:{u}:*")} - known)
+    if other:
+        raise SystemExit(f"scale: per-user keys this benchmark does not measure: {other[:5]}")
     parts: dict[str, list[int]] = {k: [] for k in (*USER_KEYS, *USER_KEYS_X)}
     enc: dict[str, dict[str, int]] = {}
     pipe = sync.pipeline(transaction=False)
@@ -244,14 +250,15 @@ def measure_state(args: argparse.Namespace, url: str) -> dict[str, Any]:
     for key in sync.scan_iter("sc:pop*", count=1000):
         glob["pop"] += int(sync.execute_command("MEMORY", "USAGE", key, "SAMPLES", "0") or 0)
     mem1 = int(sync.info("memory")["used_memory"])
-    sizes = {"recent": "XREC_RECENT_LEN", "seen": "XREC_SEEN_LEN", "eids": "XREC_EID_KEEP",
+    sizes = {"seen": "XREC_SEEN_LEN", "ef": "XREC_EID_KEEP",
              "history": "XREC_HIST_LEN", "rpos": "XREC_COOC_WINDOW"}
     lens = {k: round(float(np.mean([
-        sync.llen(f"sc:u:{u}:{p}:{k}") if k in ("recent", "rpos") else
+        sync.llen(f"sc:u:{u}:{p}:{k}") if k == "rpos" else
+        sync.strlen(f"sc:u:{u}:{p}:{k}") / FP_WIDTH if k == "ef" else
         sync.zcard(f"sc:u:{u}:{p}:{k}") for u in sample[:200] for p in PLATFORMS])), 1)
-        for k in ("recent", "seen", "rpos")}
+        for k in USER_KEYS}
     lens.update({k: round(float(np.mean([sync.zcard(f"sc:u:{u}:{k}") for u in sample[:200]])), 1)
-                 for k in ("eids", "history")})
+                 for k in ("history",)})
     log(f"  bytes per user (MEMORY USAGE, {len(sample)} users): {bytes_per_user:,.0f}")
     for k, v in sorted(breakdown.items(), key=lambda kv: -kv[1]):
         extra = f"  mean entries {lens[k]} (cap {sizes[k]})" if k in lens else ""

@@ -87,7 +87,6 @@ class Settings(BaseSettings):
     producer_linger_ms: int = Field(
         30, ge=0, le=1000, description="producer batching delay; larger batches keep the "
         "embedded broker fast on long runs (README, Measured)")
-    recent_len: int = Field(50, ge=1, description="recent interactions kept per user+platform")
     seen_len: int = Field(500, ge=1, description="consumed items kept per user+platform")
     cooc_window: int = Field(5, ge=1, description="recent items an event co-occurs with")
     cooc_keep: int = Field(200, ge=10, description="neighbours kept per item")
@@ -137,7 +136,8 @@ class Settings(BaseSettings):
         3, ge=0, le=1000, description="the best this many items of each refresh carry a "
         "reason (items[].why: README, Why this item); 0 = none")
     recs_ttl_s: int = Field(7 * 86400, ge=60)
-    eid_keep: int = Field(500, ge=10, description="event ids remembered per user for dedup")
+    eid_keep: int = Field(500, ge=10, description="event ids remembered per user and "
+                          "platform for dedup (as 8-byte fingerprints)")
 
     state_epoch: str = Field(
         "0", description="namespaces offset watermarks; change it when the broker's offsets "

@@ -15,7 +15,7 @@ batch is applied by one script that also advances the watermarks. So:
 * a platform event normalized twice (normalize crashed before committing) yields a second
   unified record with the same source offset → skipped;
 * a platform that sends the same event twice (same event id, new offset) is skipped by the
-  per-user set of recent event ids (``XREC_EID_KEEP`` remembered);
+  (user, platform)'s fingerprints of its last ``XREC_EID_KEEP`` event ids;
 * two workers racing on one partition during a rebalance: scripts run one at a time, so
   the second skips what the first applied.
 
@@ -36,13 +36,15 @@ user keys only::
     wm:<epoch>:<unified topic>:<q>  hash  "<src topic>:<src partition>" → offset
     dlwm:<epoch>                    hash  "<src topic>:<src partition>" → highest offset
                                           whose dead letter was counted (exactly once)
-    u:<user>:<platform>:recent      list  newest first, JSON [item, label, weight, time, kind]
-    u:<user>:<platform>:seen        zset  item → last event time (consumed items, capped)
+    u:<user>:<platform>:seen        zset  item → last event time, whole seconds (consumed
+                                          items, the newest XREC_SEEN_LEN kept)
     u:<user>:<platform>:rpos        list  the last XREC_COOC_WINDOW distinct positive items,
                                           newest first (what a new positive co-occurs with)
-    u:<user>:eids                   zset  event id → event time (dedup, capped)
-    u:<user>:history                zset  JSON [platform, item, label, time, event id] →
-                                          event time (the newest XREC_HIST_LEN kept):
+    u:<user>:<platform>:ef          string the fingerprints (:func:`event_fp`, 8 characters
+                                          each) of the last XREC_EID_KEEP applied event ids,
+                                          in arrival order (dedup)
+    u:<user>:history                zset  JSON [platform, item, label, time, fingerprint[:6]]
+                                          → event time in ms (the newest XREC_HIST_LEN kept):
                                           the cross-platform history the model reads
     u:<user>:stats                  hash  "<platform>:events|pos|neg", "<platform>:last"
     users                           set   user keys
@@ -56,6 +58,8 @@ user keys only::
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import logging
 import math
@@ -85,7 +89,7 @@ from streams.settings import Settings
 
 __all__ = ["RedisState", "ApplyResult", "Touched", "AggRow", "RecsOut", "redis_from_url",
            "row_lookup", "is_cluster", "is_cluster_url", "redis_keys", "NotReplicatedError",
-           "read_merged"]
+           "read_merged", "event_fp", "FP_WIDTH"]
 
 log = logging.getLogger("xrec.state")
 
@@ -106,6 +110,17 @@ _LUA_CACHE = (_LUA_DIR / "cache.lua").read_text()
 
 
 _CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
+
+#: characters of an event id's fingerprint (48 bits): for a user and platform remembering
+#: 500 ids, the chance that a new event is taken for one of them is ~2e-12
+FP_WIDTH = 8
+
+
+def event_fp(event_id: str) -> str:
+    """The fixed-width fingerprint the apply script remembers of an event id (BLAKE2b,
+    6 bytes, URL-safe base64: any event id, however long or structured, costs 8 bytes)."""
+    return base64.urlsafe_b64encode(
+        hashlib.blake2b(event_id.encode(), digest_size=6).digest()).decode()
 
 
 class NotReplicatedError(RedisConnectionError):
@@ -375,9 +390,9 @@ class RedisState:
                 g = groups[sh] = ([], [])
             g[0].append([q, f"{ev.src_topic}:{ev.src_partition}", ev.src_offset, ev.user,
                          ev.platform, ev.item, ev.label, round(ev.weight, 6),
-                         round(ev.event_time, 3), ev.kind, ev.event_id])
+                         round(ev.event_time, 3), event_fp(ev.event_id)])
             g[1].append(n)
-        cfg = {"win": s.cooc_window, "recent": s.recent_len, "seen": s.seen_len,
+        cfg = {"win": s.cooc_window, "seen": s.seen_len, "fpw": FP_WIDTH,
                "eids": s.eid_keep, "cokeep": s.cooc_keep,
                "hl": s.popularity_half_life_s, "rebase": _REBASE_EXPONENT, "hist": history}
         reqs = {sh: json.dumps({"p": keys.sp(sh), "wm": self.wm_key(0, sh)[:-1], "ev": rows,

@@ -73,11 +73,11 @@ async def user_dump(st: RedisState, users: list[str]) -> dict[str, Any]:
     pipe = st.r.pipeline(transaction=False)
     names: list[tuple[str, str]] = []
     for u in users:
-        for suffix, cmd in (("history", "z"), ("eids", "z"), ("stats", "h")):
+        for suffix, cmd in (("history", "z"), ("stats", "h")):
             names.append((u, suffix))
             _read(pipe, cmd, k.u(u, suffix))
         for p in PLATFORMS:
-            for suffix, cmd in (("seen", "z"), ("rpos", "l"), ("recent", "l")):
+            for suffix, cmd in (("seen", "z"), ("rpos", "l"), ("ef", "s")):
                 names.append((u, f"{p}:{suffix}"))
                 _read(pipe, cmd, k.u(u, p, suffix))
     return dict(zip(names, await pipe.execute(), strict=True))
@@ -88,6 +88,8 @@ def _read(pipe: Any, cmd: str, key: str) -> None:
         pipe.zrange(key, 0, -1, withscores=True)
     elif cmd == "l":
         pipe.lrange(key, 0, -1)
+    elif cmd == "s":
+        pipe.get(key)
     else:
         pipe.hgetall(key)
 

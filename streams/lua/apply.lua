@@ -1,8 +1,12 @@
 -- Apply a micro-batch of interactions atomically (a Lua script runs alone in Redis).
 -- ARGV[1] = JSON {p: key prefix, wm: watermark key prefix, cfg: {...}, ev: [[q, src, off,
---   user, platform, item, label, weight, time, kind, eid], ...]}
+--   user, platform, item, label, weight, time, fp], ...]}; fp = the event id's fixed-width
+--   fingerprint (streams.state.event_fp).
 -- Per event: skip if its source offset <= the (unified partition, source partition)
--- watermark, or if its event id was already applied for this user; else update state.
+-- watermark, or if its fingerprint is among the (user, platform)'s remembered ones; else
+-- update state. Reads happen once per key and batch and writes are gathered per key to the
+-- end (watermarks, fingerprints, history, seen, stats, users, rpos): a key's end state is
+-- what per-event writes would have left, with fewer Redis commands.
 -- Returns JSON {a: applied, o: offset dups, e: event-id dups, r: {"user\tplatform": [recent
 -- positive items, newest first]}, and when cfg.hist > 0: i: [1-based indices of the applied
 -- events], h: {user: cross-platform history BEFORE the batch, newest first, as its JSON
@@ -13,54 +17,84 @@ local P, c = req.p, req.cfg
 local applied, dup_off, dup_ev = 0, 0, 0
 local recent_pos, anchors, trim_co = {}, {}, {}
 local hist_before, seen_before, applied_idx = {}, {}, {}
+local wm, wm_key = {}, {}        -- "q\tsrc" → offset / {hash, field} once it moved
+local fps, fp_dirty = {}, {}     -- pair → fingerprint string / true when it grew
+local hist_add, seen_add = {}, {}  -- user / pair → ZADD arguments gathered
+local stat, stat_last = {}, {}   -- user → {field → increment} / {platform → time}
+local users, users_n = {}, 0     -- users applied in this batch (one SADD)
+local rpos_dirty = {}            -- pair → true when its recent positives changed
+
+-- is fingerprint f (width L) one of the aligned fields of s?
+local function has_fp(s, f, L)
+  local i = 1
+  while true do
+    local j = string.find(s, f, i, true)
+    if j == nil then return false end
+    if (j - 1) % L == 0 then return true end
+    i = j + 1
+  end
+end
 
 for n, ev in ipairs(req.ev) do
-  local q, src, off, u, p, item, label, w, t, kind, eid = unpack(ev)
+  local q, src, off, u, p, item, label, w, t, fp = unpack(ev)
   local pk = u .. '\t' .. p
   local base = P .. 'u:' .. u .. ':' .. p
-  local rk = base .. ':recent'
-  local rpk = base .. ':rpos'
-  local hk = P .. 'u:' .. u .. ':history'
   if recent_pos[pk] == nil then
-    -- the user's last distinct positives on the platform, kept as plain item ids (no
-    -- JSON to decode: decoding the recent list here was a fifth of the script's time)
-    recent_pos[pk] = redis.call('LRANGE', rpk, 0, c.win - 1)
+    -- the user's last distinct positives on the platform, kept as plain item ids
+    recent_pos[pk] = redis.call('LRANGE', base .. ':rpos', 0, c.win - 1)
     if c.hist > 0 then seen_before[pk] = redis.call('ZRANGE', base .. ':seen', 0, -1) end
   end
   if c.hist > 0 and hist_before[u] == nil then
     -- the members are JSON arrays: joined, the caller decodes them with one parse
-    hist_before[u] = table.concat(redis.call('ZREVRANGE', hk, 0, c.hist - 1), ',')
+    hist_before[u] = table.concat(redis.call('ZREVRANGE', P .. 'u:' .. u .. ':history', 0,
+                                             c.hist - 1), ',')
   end
-  local wmk = req.wm .. q
-  local cur = tonumber(redis.call('HGET', wmk, src) or '-1')
+  local wk = q .. '\t' .. src
+  local cur = wm[wk]
+  if cur == nil then
+    cur = tonumber(redis.call('HGET', req.wm .. q, src) or '-1')
+    wm[wk] = cur
+  end
   if off <= cur then
     dup_off = dup_off + 1
   else
-    redis.call('HSET', wmk, src, string.format('%d', off))
-    local ek = P .. 'u:' .. u .. ':eids'
-    if redis.call('ZSCORE', ek, eid) then
+    wm[wk] = off
+    wm_key[wk] = {req.wm .. q, src}
+    local have = fps[pk]
+    if have == nil then have = redis.call('GET', base .. ':ef') or '' end
+    if has_fp(have, fp, c.fpw) then
+      fps[pk] = have
       dup_ev = dup_ev + 1
     else
+      fps[pk] = have .. fp
+      fp_dirty[pk] = base .. ':ef'
       applied = applied + 1
+      -- event times in whole milliseconds: an integer score is stored compactly
+      local tms = math.floor(t * 1000 + 0.5)
       if c.hist > 0 then
         applied_idx[#applied_idx + 1] = n
         -- ordered by event time, not arrival: the same events give the same history
-        -- whatever the interleaving of platforms (the event id keeps members unique)
-        redis.call('ZADD', hk, t, cjson.encode({p, item, label, t, eid}))
-        redis.call('ZREMRANGEBYRANK', hk, 0, -(c.hist + 1))
+        -- whatever the interleaving of platforms (the fingerprint keeps members unique).
+        -- Members stay under 64 bytes for usual ids, so Redis keeps them compact.
+        local h = hist_add[u]
+        if h == nil then h = {}; hist_add[u] = h end
+        h[#h + 1] = tms
+        h[#h + 1] = cjson.encode({p, item, label, t, string.sub(fp, 1, 6)})
       end
-      redis.call('ZADD', ek, t, eid)
-      redis.call('ZREMRANGEBYRANK', ek, 0, -(c.eids + 1))
-      redis.call('LPUSH', rk, cjson.encode({item, label, w, t, kind}))
-      redis.call('LTRIM', rk, 0, c.recent - 1)
-      local sk = base .. ':seen'
-      redis.call('ZADD', sk, 'GT', t, item)
-      redis.call('ZREMRANGEBYRANK', sk, 0, -(c.seen + 1))
-      local stk = P .. 'u:' .. u .. ':stats'
-      redis.call('HINCRBY', stk, p .. ':events', 1)
-      redis.call('HINCRBY', stk, p .. ((label == 1) and ':pos' or ':neg'), 1)
-      redis.call('HSET', stk, p .. ':last', string.format('%.3f', t))
-      redis.call('SADD', P .. 'users', u)
+      local sa = seen_add[pk]
+      if sa == nil then sa = {base .. ':seen'}; seen_add[pk] = sa end
+      sa[#sa + 1] = math.floor(t)
+      sa[#sa + 1] = item
+      local su = stat[u]
+      if su == nil then
+        su = {}; stat[u] = su; stat_last[u] = {}
+        users_n = users_n + 1; users[users_n] = u
+      end
+      local f = p .. ':events'
+      su[f] = (su[f] or 0) + 1
+      f = p .. ((label == 1) and ':pos' or ':neg')
+      su[f] = (su[f] or 0) + 1
+      stat_last[u][p] = t
       if label == 1 then
         local popk, mk = P .. 'pop:' .. p, P .. 'popmeta:' .. p
         local a = anchors[p]
@@ -95,12 +129,51 @@ for n, ev in ipairs(req.ev) do
           end
         end
         recent_pos[pk] = nrp
-        redis.call('LREM', rpk, 0, item)
-        redis.call('LPUSH', rpk, item)
-        redis.call('LTRIM', rpk, 0, c.win - 1)
+        rpos_dirty[pk] = base .. ':rpos'
       end
     end
   end
+end
+
+-- the gathered writes, once per key
+for wk, hk in pairs(wm_key) do
+  redis.call('HSET', hk[1], hk[2], string.format('%d', wm[wk]))
+end
+local fp_max = c.eids * c.fpw
+for pk, key in pairs(fp_dirty) do
+  local s = fps[pk]
+  if #s > fp_max then s = string.sub(s, #s - fp_max + 1) end
+  redis.call('SET', key, s)
+end
+for u, h in pairs(hist_add) do
+  local hk = P .. 'u:' .. u .. ':history'
+  for i = 1, #h, 400 do
+    redis.call('ZADD', hk, unpack(h, i, math.min(i + 399, #h)))
+  end
+  redis.call('ZREMRANGEBYRANK', hk, 0, -(c.hist + 1))
+end
+for _, sa in pairs(seen_add) do
+  local sk = sa[1]
+  for i = 2, #sa, 400 do
+    redis.call('ZADD', sk, 'GT', unpack(sa, i, math.min(i + 399, #sa)))
+  end
+  redis.call('ZREMRANGEBYRANK', sk, 0, -(c.seen + 1))
+end
+for u, su in pairs(stat) do
+  local stk = P .. 'u:' .. u .. ':stats'
+  for f, v in pairs(su) do redis.call('HINCRBY', stk, f, v) end
+  for p, t in pairs(stat_last[u]) do
+    redis.call('HSET', stk, p .. ':last', string.format('%.3f', t))
+  end
+end
+if users_n > 0 then
+  for i = 1, users_n, 400 do
+    redis.call('SADD', P .. 'users', unpack(users, i, math.min(i + 399, users_n)))
+  end
+end
+for pk, key in pairs(rpos_dirty) do
+  redis.call('DEL', key)
+  redis.call('RPUSH', key, unpack(recent_pos[pk]))
 end
 for k, _ in pairs(trim_co) do
   redis.call('ZREMRANGEBYRANK', k, 0, -(c.cokeep + 1))
