@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from streams.errors import StackError
 from streams.records import DeadLetter, Recommendations
@@ -15,13 +16,15 @@ __all__ = ["follow", "format_recs", "format_deadletter", "format_drift", "format
 
 def follow(bootstrap: str, topic: str, from_beginning: bool = False,
            idle_timeout_s: float | None = None, should_stop: Callable[[], bool] | None = None,
-           ) -> Iterator[bytes]:
-    """Yield record values of every partition of ``topic`` (no consumer group: no join wait)."""
+           security: dict[str, Any] | None = None) -> Iterator[bytes]:
+    """Yield record values of every partition of ``topic`` (no consumer group: no join wait).
+    ``security``: TLS / SASL keyword arguments (:func:`streams.security.kafka_kwargs`)."""
     from kafka import KafkaConsumer, TopicPartition
 
     try:
         consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                 group_id=None, client_id="xrec-tail", fetch_max_wait_ms=50)
+                                 group_id=None, client_id="xrec-tail", fetch_max_wait_ms=50,
+                                 **(security or {}))
     except Exception as exc:  # noqa: BLE001
         raise StackError(f"cannot connect to the broker at {bootstrap}: {exc}") from None
     try:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from producers.files import count_records, read_records
 from streams.errors import StackError
@@ -65,14 +66,16 @@ REPLAY_LINGER_MS: int = Settings.model_fields["producer_linger_ms"].default
 
 
 class Replayer:
-    def __init__(self, bootstrap: str, linger_ms: int = REPLAY_LINGER_MS) -> None:
+    def __init__(self, bootstrap: str, linger_ms: int = REPLAY_LINGER_MS,
+                 security: dict[str, Any] | None = None) -> None:
+        """``security``: TLS / SASL keyword arguments (:func:`streams.security.kafka_kwargs`)."""
         from kafka import KafkaProducer
 
         try:
             self.producer = KafkaProducer(
                 bootstrap_servers=bootstrap, linger_ms=linger_ms, batch_size=128 * 1024,
                 client_id="xrec-replay", max_request_size=4 * 1024 * 1024,
-                request_timeout_ms=30000)
+                request_timeout_ms=30000, **(security or {}))
         except Exception as exc:  # noqa: BLE001
             raise StackError(f"cannot connect to the broker at {bootstrap}: {exc}") from None
         self.sent = 0

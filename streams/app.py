@@ -96,6 +96,7 @@ class CachedPartitioner:
 def base_app(settings: Settings, app_id: str) -> faust.App:
     """A Faust app with xrec's broker settings (also used by the bare benchmark agent)."""
     from streams.errors import ConfigError
+    from streams.security import faust_credentials
 
     if not settings.kafka_bootstrap_servers:
         raise ConfigError("KAFKA_BOOTSTRAP_SERVERS is not set (or run `xrec dev`)")
@@ -106,6 +107,8 @@ def base_app(settings: Settings, app_id: str) -> faust.App:
     app = faust.App(
         app_id,
         broker=brokers,
+        # TLS / SASL from KAFKA_SECURITY_PROTOCOL & co. (streams/security.py); None: plaintext
+        broker_credentials=faust_credentials(settings),
         store="memory://",
         key_serializer="raw",
         value_serializer="raw",

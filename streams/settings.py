@@ -45,6 +45,47 @@ class Settings(BaseSettings):
     redis_wait_timeout_ms: int = Field(1000, ge=1, description=(
         "how long an apply waits for XREC_REDIS_WAIT_REPLICAS before it is retried"))
 
+    # --- transport security (streams/security.py; README, Security) -----------------
+    kafka_security_protocol: str = Field(
+        "PLAINTEXT", validation_alias=AliasChoices("KAFKA_SECURITY_PROTOCOL",
+                                                   "kafka_security_protocol"),
+        description="PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL")
+    kafka_sasl_mechanism: str = Field(
+        "PLAIN", validation_alias=AliasChoices("KAFKA_SASL_MECHANISM", "kafka_sasl_mechanism"),
+        description="PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512 (SASL_* protocols)")
+    kafka_sasl_username: str | None = Field(
+        None, validation_alias=AliasChoices("KAFKA_SASL_USERNAME", "kafka_sasl_username"))
+    kafka_sasl_password: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("KAFKA_SASL_PASSWORD", "kafka_sasl_password"),
+        description="never logged")
+    kafka_ssl_cafile: str | None = Field(
+        None, validation_alias=AliasChoices("KAFKA_SSL_CAFILE", "kafka_ssl_cafile"),
+        description="PEM CA bundle the broker's certificate must chain to (unset: the "
+        "system's trust store); the host name is checked too")
+    kafka_ssl_certfile: str | None = Field(
+        None, validation_alias=AliasChoices("KAFKA_SSL_CERTFILE", "kafka_ssl_certfile"),
+        description="client certificate (PEM) for brokers that require mutual TLS")
+    kafka_ssl_keyfile: str | None = Field(
+        None, validation_alias=AliasChoices("KAFKA_SSL_KEYFILE", "kafka_ssl_keyfile"),
+        description="the client certificate's private key (PEM)")
+    redis_username: str | None = Field(
+        None, validation_alias=AliasChoices("REDIS_USERNAME", "redis_username"),
+        description="Redis ACL user (a user in REDIS_URL wins)")
+    redis_password: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("REDIS_PASSWORD", "redis_password"),
+        description="Redis password (requirepass or the ACL user's); never logged")
+    redis_ssl_cafile: str | None = Field(
+        None, validation_alias=AliasChoices("REDIS_SSL_CAFILE", "redis_ssl_cafile"),
+        description="rediss:// only: PEM CA bundle the server's certificate must chain to")
+    redis_ssl_certfile: str | None = Field(
+        None, validation_alias=AliasChoices("REDIS_SSL_CERTFILE", "redis_ssl_certfile"),
+        description="rediss:// only: client certificate (tls-auth-clients yes)")
+    redis_ssl_keyfile: str | None = Field(
+        None, validation_alias=AliasChoices("REDIS_SSL_KEYFILE", "redis_ssl_keyfile"))
+    preflight_timeout_s: float = Field(
+        5.0, gt=0, description="start-up check of the broker and Redis (reach, TLS, "
+        "authentication): how long each step may take before a clear error")
+
     # --- naming ---------------------------------------------------------------------
     topic_prefix: str = "xrec."
     redis_prefix: str = "xrec:"

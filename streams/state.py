@@ -150,12 +150,14 @@ def redis_from_url(url: str, timeout_s: float | None = None, decode: bool = True
     TLS) gives a :class:`redis.asyncio.cluster.RedisCluster` seeded with those nodes: with
     it, :class:`RedisState` uses the cluster key layout (:mod:`streams.keys`)."""
     if is_cluster_url(url):
-        return _cluster_from_url(url, timeout_s, decode)
+        from streams.security import redis_kwargs  # TLS files from the URL's query
+
+        return _cluster_from_url(url, timeout_s, decode, **redis_kwargs(url))
     return aioredis.Redis.from_url(url, decode_responses=decode, health_check_interval=10,
                                    socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
 
 
-def _cluster_from_url(url: str, timeout_s: float | None, decode: bool) -> Any:
+def _cluster_from_url(url: str, timeout_s: float | None, decode: bool, **tls: Any) -> Any:
     from urllib.parse import unquote
 
     from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -181,7 +183,7 @@ def _cluster_from_url(url: str, timeout_s: float | None, decode: bool) -> Any:
     return RedisCluster(startup_nodes=nodes, decode_responses=decode, username=user,
                         password=password, ssl=scheme.startswith("rediss"),
                         socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                        health_check_interval=10)
+                        health_check_interval=10, **tls)
 
 
 def redis_keys(r: Any, settings: Settings) -> Keys:

@@ -20,10 +20,30 @@ __all__ = ["main", "cli"]
 
 
 def _settings() -> Settings:
+    from streams.security import redact_logs, redis_url
+
     try:
-        return Settings()
+        s = Settings()
     except Exception as exc:  # pydantic ValidationError: bad env values
         raise click.UsageError(f"invalid configuration in the environment:\n{exc}") from None
+    # REDIS_SSL_* and REDIS_USERNAME / REDIS_PASSWORD folded into the URL every Redis client
+    # is built from (streams/security.py); print it only through redact_url
+    s.redis_url = redis_url(s)
+    redact_logs(s)  # no password in any log line, whatever the level
+    return s
+
+
+def _preflight(s: Settings, kafka: bool = False, redis: bool = False) -> dict:
+    """Reach the services once, with a short timeout, before any client retries quietly:
+    a wrong password or an untrusted certificate is a clear error here, not a hang.
+    Returns the kafka-python TLS / SASL keyword arguments."""
+    from streams import security
+
+    if kafka:
+        security.check_kafka(s, s.preflight_timeout_s)
+    if redis and s.redis_url:
+        security.check_redis(s.redis_url, s.preflight_timeout_s)
+    return security.kafka_kwargs(s)
 
 
 def _need(value: str | None, name: str) -> str:
@@ -145,6 +165,7 @@ def worker(agents: str | None, loglevel: str | None) -> None:
     _need(s.kafka_bootstrap_servers, "KAFKA_BOOTSTRAP_SERVERS")
     _need(s.redis_url, "REDIS_URL")
     s.secret_bytes()  # refuse to start without a pseudonymization secret
+    _preflight(s, kafka=True, redis=True)
     # Faust runs the Kafka consumer in a second thread. With the default 5 ms GIL switch
     # interval, every await on Redis/Kafka in the agents waits behind that thread (the
     # GIL convoy effect): measured here, 50 ms per micro-batch instead of ~5 ms.
@@ -259,7 +280,8 @@ def topics() -> None:
 
     s = _settings()
     plan = Topics(s).plan(_platforms(s), s.partitions)
-    create_topics(_need(s.kafka_bootstrap_servers, "KAFKA_BOOTSTRAP_SERVERS"), plan, plan)
+    bootstrap = _need(s.kafka_bootstrap_servers, "KAFKA_BOOTSTRAP_SERVERS")
+    create_topics(bootstrap, plan, plan, security=_preflight(s, kafka=True))
     for n, parts in plan.items():
         click.echo(f"{n}  ({parts} partitions)")
 
@@ -374,7 +396,8 @@ def replay(files: tuple[Path, ...], platform: str | None, rate: float | None,
     t = Topics(s)
     p = _platforms(s).require(platform) if platform else None
     sources = [Source(f, t.events(p.name) if p else t.ingest, p) for f in files]
-    r = Replayer(_need(s.kafka_bootstrap_servers, "KAFKA_BOOTSTRAP_SERVERS"))
+    bootstrap = _need(s.kafka_bootstrap_servers, "KAFKA_BOOTSTRAP_SERVERS")
+    r = Replayer(bootstrap, security=_preflight(s, kafka=True))
     try:
         n = r.replay(sources, rate=rate, speed=speed, progress=progress)
     finally:
@@ -393,7 +416,8 @@ def catalog(file: Path, platform: str, progress: bool | None) -> None:
 
     s = _settings()
     p = _platforms(s).require(platform)
-    r = Replayer(_need(s.kafka_bootstrap_servers, "KAFKA_BOOTSTRAP_SERVERS"))
+    bootstrap = _need(s.kafka_bootstrap_servers, "KAFKA_BOOTSTRAP_SERVERS")
+    r = Replayer(bootstrap, security=_preflight(s, kafka=True))
     try:
         n = r.replay([Source(file, Topics(s).catalog(p.name), None)], progress=progress)
     finally:
@@ -432,6 +456,8 @@ def tail(what: str, user: str | None, as_json: bool, from_beginning: bool, limit
         topic, kind = (t.drift if what == "drift" else t.quality), what
     else:
         topic, kind = t.recs(_platforms(s).require(what).name), "recs"
+    bootstrap = _need(s.kafka_bootstrap_servers, "KAFKA_BOOTSTRAP_SERVERS")
+    kafka_security = _preflight(s, kafka=True)
     titles = None
     if s.redis_url and not as_json:
         from consumers.cache import RecsCache
@@ -439,8 +465,8 @@ def tail(what: str, user: str | None, as_json: bool, from_beginning: bool, limit
         cache = RecsCache(s.redis_url, s.redis_prefix)
         titles = cache.title
     n = 0
-    for raw in follow(_need(s.kafka_bootstrap_servers, "KAFKA_BOOTSTRAP_SERVERS"), topic,
-                      from_beginning=from_beginning, idle_timeout_s=idle_exit):
+    for raw in follow(bootstrap, topic, from_beginning=from_beginning,
+                      idle_timeout_s=idle_exit, security=kafka_security):
         if kind == "recs":
             rec = Recommendations.model_validate_json(raw)
             if user and rec.user != user:
@@ -500,7 +526,9 @@ def recs(user: str, platform: str, raw_id: bool, account_id: bool, as_json: bool
         if not p.identity.shared:
             raise click.UsageError(f"platform {p.name} declares no shared identity field")
         user = pseudo.key(p.identity.namespace, user)
-    cache = RecsCache(_need(s.redis_url, "REDIS_URL"), s.redis_prefix)
+    _need(s.redis_url, "REDIS_URL")
+    _preflight(s, redis=True)
+    cache = RecsCache(s.redis_url or "", s.redis_prefix)
     rec = cache.recs(p.name, user)
     if rec is None:
         click.echo(f"no cached recommendations for user {user} on {p.name}", err=True)
@@ -540,6 +568,7 @@ def serve(port: int, bind: str) -> None:
 
     s = _settings()
     _need(s.redis_url, "REDIS_URL")
+    _preflight(s, redis=True)
     click.echo(f"serving GET /recs/{{user_key}} on http://{bind}:{port} (Ctrl-C stops)",
                err=True)
     serve_main(["--port", str(port), "--bind", bind])
@@ -577,6 +606,7 @@ def similar(item: str | None, platform: str | None, text: str | None, to: str | 
     s = _settings()
     reg = _platforms(s)
     url = _need(s.redis_url, "REDIS_URL")
+    _preflight(s, redis=True)
     cfg = s.encoder_config(threads=0)
     if cfg is None:
         raise click.UsageError("XREC_ENCODER_BACKEND=none: no item vectors to search")
@@ -781,7 +811,8 @@ def report(from_eval: Path | None, out: Path, timeout: float) -> None:
 
         say(f"reading xrec's result topics at {bootstrap} from the beginning ...")
         data = read_stack(bootstrap, Topics(s), list(_platforms(s)), redis_url=s.redis_url,
-                          redis_prefix=s.redis_prefix, timeout_s=timeout, say=say)
+                          redis_prefix=s.redis_prefix, timeout_s=timeout, say=say,
+                          security=_preflight(s, kafka=True))
         html = stack_report(data, bootstrap)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(html, encoding="utf-8")

@@ -60,7 +60,8 @@ class Collector(threading.Thread):
 
     def __init__(self, bootstrap: str, recs_topics: list[str], deadletter_topic: str,
                  from_beginning: bool, quality_topic: str | None = None,
-                 drift_topic: str | None = None) -> None:
+                 drift_topic: str | None = None, security: dict[str, Any] | None = None
+                 ) -> None:
         super().__init__(daemon=True, name="xrec-collector")
         from kafka import KafkaConsumer, TopicPartition
 
@@ -68,7 +69,8 @@ class Collector(threading.Thread):
                                       group_id=None, client_id="xrec-dev-collector",
                                       # latency is read from the records, not from when
                                       # we see them: poll lazily, spare the broker
-                                      fetch_max_wait_ms=500, fetch_min_bytes=64 * 1024)
+                                      fetch_max_wait_ms=500, fetch_min_bytes=64 * 1024,
+                                      **(security or {}))
         tps = []
         extra = [x for x in (quality_topic, drift_topic) if x]
         for t in [*recs_topics, deadletter_topic, *extra]:
@@ -170,6 +172,7 @@ def run_dev(settings: Settings, o: DevOptions) -> int:
     from consumers.cache import RecsCache
     from producers.replay import Replayer, Source
     from producers.simulate import SimConfig, simulate
+    from streams import security
     from streams.platforms import load_platforms
     from xrec.stack import (
         create_topics,
@@ -204,12 +207,21 @@ def run_dev(settings: Settings, o: DevOptions) -> int:
                 f"for {manifest['users']:,} people on {', '.join(manifest['items'])}")
             bootstrap = settings.kafka_bootstrap_servers
             epoch = settings.state_epoch
+            # TLS / SASL for a broker named by KAFKA_BOOTSTRAP_SERVERS (the embedded one is
+            # plaintext); the services are checked first, so a bad password is one clear error
+            kafka_security = security.kafka_kwargs(settings) if bootstrap else {}
+            secured: dict[str, str] = {}  # what the workers must not inherit for embedded ones
+            if bootstrap:
+                security.check_kafka(settings, settings.preflight_timeout_s)
+            if settings.redis_url:
+                security.check_redis(settings.redis_url, settings.preflight_timeout_s)
             if not bootstrap:
                 tansu = start_tansu(workdir)
                 started.append(tansu)
                 bootstrap = tansu.url
                 epoch = uuid.uuid4().hex[:12]  # a fresh broker restarts offsets at 0
                 say(f"started embedded broker (Tansu) at {bootstrap}, pid {tansu.pid}")
+                secured["KAFKA_SECURITY_PROTOCOL"] = "PLAINTEXT"
             else:
                 say(f"using broker at {bootstrap}")
             redis_url = settings.redis_url
@@ -218,13 +230,16 @@ def run_dev(settings: Settings, o: DevOptions) -> int:
                 started.append(rs)
                 redis_url = rs.url
                 say(f"started embedded Redis at {redis_url}, pid {rs.pid}")
+                secured.update({k: "" for k in ("REDIS_USERNAME", "REDIS_PASSWORD",
+                                                "REDIS_SSL_CAFILE", "REDIS_SSL_CERTFILE",
+                                                "REDIS_SSL_KEYFILE")})
             else:
-                say(f"using Redis at {redis_url}")
+                say(f"using Redis at {security.redact_url(redis_url)}")
             plan = topics.plan(platforms, settings.partitions if settings.
                                kafka_bootstrap_servers else embedded_partitions(settings))
-            create_topics(bootstrap, plan, plan)
+            create_topics(bootstrap, plan, plan, security=kafka_security)
             env = {"KAFKA_BOOTSTRAP_SERVERS": bootstrap, "REDIS_URL": redis_url,
-                   "XREC_STATE_EPOCH": epoch, "XREC_LOG_LEVEL": "INFO"}
+                   "XREC_STATE_EPOCH": epoch, "XREC_LOG_LEVEL": "INFO", **secured}
             if settings.pseudonym_secret is None:
                 env["XREC_ENV"] = "dev"
             cache = RecsCache(redis_url, settings.redis_prefix)
@@ -238,11 +253,11 @@ def run_dev(settings: Settings, o: DevOptions) -> int:
             collector = Collector(bootstrap, [topics.recs(p) for p in platforms],
                                   topics.deadletter, from_beginning=not settings.
                                   kafka_bootstrap_servers, quality_topic=topics.quality,
-                                  drift_topic=topics.drift)
+                                  drift_topic=topics.drift, security=kafka_security)
             collector.start()
 
             sim = workdir / "sim"
-            rep = Replayer(bootstrap)
+            rep = Replayer(bootstrap, security=kafka_security)
             try:
                 rep.replay([Source(sim / f, topics.catalog(p), None)
                             for p, f in manifest["files"]["catalog"].items()], progress=False)
@@ -325,10 +340,11 @@ def run_dev(settings: Settings, o: DevOptions) -> int:
             _similar_example(say, settings, redis_url, cache)
             if o.once:
                 _write_report(say, workdir / "report.html", bootstrap, topics, platforms,
-                              redis_url, settings.redis_prefix)
+                              redis_url, settings.redis_prefix, kafka_security)
             if not o.once:
                 say("\nThe stack stays up. In another shell:\n"
-                    f"  export KAFKA_BOOTSTRAP_SERVERS={bootstrap} REDIS_URL={redis_url}"
+                    f"  export KAFKA_BOOTSTRAP_SERVERS={bootstrap} "
+                    f"REDIS_URL={security.redact_url(redis_url)}"
                     + (" XREC_ENV=dev" if settings.pseudonym_secret is None else "") +
                     f"\n  xrec tail video\n  xrec replay {sim / 'music.events.jsonl'} "
                     "--platform music --rate 100\n"
@@ -518,14 +534,15 @@ def _report(say, summary: dict[str, Any], collector: Collector, cache: Any
 
 
 def _write_report(say, path: Path, bootstrap: str, topics: Topics, platforms: Any,  # type: ignore[no-untyped-def]
-                  redis_url: str, redis_prefix: str) -> None:
+                  redis_url: str, redis_prefix: str,
+                  kafka_security: dict[str, Any] | None = None) -> None:
     """``--once`` ends with ``xrec report``'s HTML of this run; a failure here is only said
     (the run's result is the summary, not the report)."""
     from xrec.report import read_stack, stack_report
 
     try:
         data = read_stack(bootstrap, topics, list(platforms), redis_url=redis_url,
-                          redis_prefix=redis_prefix, timeout_s=60)
+                          redis_prefix=redis_prefix, timeout_s=60, security=kafka_security)
         path.write_text(stack_report(data, bootstrap), encoding="utf-8")
         say(f"report: {path}")
     except Exception as exc:  # noqa: BLE001 - reported, never fatal

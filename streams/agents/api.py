@@ -265,7 +265,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     s = Settings()
     if not s.redis_url:
         raise SystemExit("REDIS_URL is not set")
-    r = redis_from_url(s.redis_url, s.redis_timeout_s)
+    from streams.security import redis_url  # REDIS_SSL_*, REDIS_USERNAME / _PASSWORD
+
+    r = redis_from_url(redis_url(s) or "", s.redis_timeout_s)
     app = web_app(r, s.redis_prefix, list(load_platforms(s.platforms_path)), s.rec_k,
                   s.redis_shards, s.popularity_half_life_s)
     web.run_app(app, host=a.bind, port=a.port, print=None, access_log=None)
