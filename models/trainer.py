@@ -12,6 +12,10 @@ batch touched are updated), gradient clipping, then a pull of the dense weights 
 slow exponential moving average (``ema_pull``), so a burst of odd traffic cannot
 drag the model far from what it knew. A step whose loss or gradient is not finite is
 skipped and counted. A replay buffer of recent examples is mixed into each step.
+
+With ``TrainConfig.dp`` set (``XREC_DP_EPSILON``) each step is DP-SGD instead: per-example
+gradients clipped and summed, Gaussian noise, replay by Poisson sampling with a per-example
+budget, id tables frozen (:mod:`models.dp` says what is protected and how it is counted).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models.dp import DPConfig, DPLedger, clip_and_sum, per_example_grads
 from models.heads import HeadsModel, History, ItemTable
 
 __all__ = ["TrainConfig", "Example", "OnlineTrainer"]
@@ -43,6 +48,7 @@ class TrainConfig:
     pop_half_life: float = 20000.0  # examples; streaming popularity for log Q
     cold_dropout: float = 0.3  # share of replayed examples shown without target-platform history
     seed: int = 0
+    dp: DPConfig | None = None  # differentially private steps (models/dp.py); None = off
 
 
 @dataclass
@@ -81,6 +87,7 @@ class OnlineTrainer:
         self._opt_params: set[int] = set()
         self._ema: dict[str, torch.Tensor] = {}
 
+        self.dp: DPLedger | None = None  # the privacy ledger, once a DP step was taken
     # ------------------------------------------------------------------ setup
     def _optimizer(self) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
         """(Re)built when platforms were added; state of existing parameters is kept.
@@ -164,6 +171,8 @@ class OnlineTrainer:
         if len(self.buffer) > self.cfg.replay:
             del self.buffer[: len(self.buffer) - self.cfg.replay]
         self.stats.examples += len(examples)
+        if self.cfg.dp is not None:
+            return self._learn_dp(examples, self.cfg.dp)
         return taken
 
     def _cold(self, e: Example) -> Example:
@@ -248,8 +257,73 @@ class OnlineTrainer:
                 ema.lerp_(p, self.cfg.ema_decay)
         self.model.eval()
         self.stats.steps += 1
-        self.stats.last_loss = float(loss.detach())
+        self.stats.last_loss = loss
         self.stats.step_ms.append((time.perf_counter() - t0) * 1000)
+        self._after_step(named, float(loss.detach()), t0)
+        return 1
+
+    def _after_step(self, named: list[tuple[str, torch.nn.Parameter]], loss: float,
+                    t0: float) -> None:
         if len(self.stats.step_ms) > 1000:
             del self.stats.step_ms[:500]
         return 1
+
+    # -------------------------------------------------------------- private
+    def _learn_dp(self, examples: list[Example], dp: DPConfig) -> int:
+        """:meth:`learn` under DP: the micro-batch's examples in each of its ``steps``
+        steps, buffered ones drawn by Poisson sampling while they have replay budget."""
+        if self.dp is None or self.dp.cfg is not dp:
+            self.dp = DPLedger(dp, self.cfg.steps)
+        led = self.dp
+        led.sync(self.buffer)
+        taken = 0
+        for _ in range(self.cfg.steps):
+            replay = [self.buffer[i] for i in led.draw(self.buffer)]
+            batch = examples + [self._cold(e) if self.rng.random() < self.cfg.cold_dropout
+                                else e for e in replay]
+            # expected batch size (Opacus's normaliser for Poisson sampling)
+            taken += self._dp_step(batch, len(examples) + dp.replay_rate * led.eligible())
+            led.charge(self.buffer)
+        keep = led.keep()  # retire the examples whose replay budget is spent
+        self.buffer = [e for e, k in zip(self.buffer, keep, strict=True) if k]
+        led.admit(examples)
+        self.buffer.extend(examples)
+        if len(self.buffer) > self.cfg.replay:
+            cut = len(self.buffer) - self.cfg.replay
+            del self.buffer[:cut]
+            del led.used[:cut]
+        self.stats.examples += len(examples)
+        return taken
+
+    def _dp_step(self, batch: list[Example], expected: float) -> int:
+        """Σ clipped per-example gradients + N(0, σ²C²) on every dense weight, ÷ the
+        expected batch size, then AdamW and the EMA pull; id tables stay as they are."""
+        assert self.dp is not None
+        t0 = time.perf_counter()
+        led, c = self.dp, self.dp.cfg
+        grads, losses = per_example_grads(self.model, self.table, batch,
+                                          self.cfg.uniform_negatives, led.nprng)
+        sums, _, dropped = clip_and_sum(grads, c.clip)
+        self.stats.skipped_nonfinite += dropped
+        self.model.train()
+        dense_opt, sparse_opt = self._optimizer()
+        dense_opt.zero_grad(set_to_none=True)
+        sparse_opt.zero_grad(set_to_none=True)
+        named = list(self.model.named_parameters())
+        with torch.no_grad():
+            for n, p in named:
+                if n.startswith("ids."):
+                    continue
+                gen = led.generator(p.device)
+                noise = torch.randn(p.shape, generator=gen, device=p.device) * (c.sigma * c.clip)
+                led.noise_elems += noise.numel()
+                s = sums.get(n)
+                p.grad = ((noise if s is None else s + noise) / max(expected, 1.0)).to(p.dtype)
+        dense_opt.step()
+        ok = torch.isfinite(losses)
+        loss = float(losses[ok].mean()) if ok.any() else float("nan")
+        self._after_step(named, loss, t0)
+
+    def dp_epsilon_spent(self) -> dict[str, float]:
+        """platform → ε spent by its most-used example (empty while DP is off)."""
+        return self.dp.epsilon_spent() if self.dp is not None else {}

@@ -241,6 +241,27 @@ class Settings(BaseSettings):
     drift_enabled: bool = Field(True, description="run the drift monitor in recommend workers")
     drift_reactions: bool = Field(True, description="global off switch for drift reactions "
                                   "(per platform: the `drift:` block of its config file)")
+    # --- differential privacy of head updates (models/dp.py; README, Differential privacy)
+    dp_epsilon: float | None = Field(
+        None, gt=0, description="DP-SGD on the heads: per-example clipping and Gaussian noise "
+        "so that each training example spends at most this ε (its fresh steps plus its "
+        "replay budget; RDP accountant). Unset/off = no DP. Protects one example, not a user")
+    dp_delta: float = Field(1e-6, gt=0, lt=1, description="the δ of (ε, δ): keep it below "
+                            "1 / the number of examples the model will train on")
+    dp_clip: float = Field(1.0, gt=0, description="C: each example's gradient (all dense "
+                           "weights together) is clipped to this norm; noise is σ·C")
+    dp_replay_rate: float = Field(1 / 64, gt=0, le=1, description="with DP: each buffered "
+                                  "example is replayed in a step with this probability "
+                                  "(Poisson sampling, which the accountant amplifies)")
+    dp_replay_steps: int = Field(128, ge=0, description="with DP: steps an example stays "
+                                 "eligible for replay; then its budget is spent and it leaves "
+                                 "the replay buffer")
+
+    @field_validator("dp_epsilon", mode="before")
+    @classmethod
+    def _dp_off(cls, v: object) -> object:
+        return None if isinstance(v, str) and v.strip().lower() in ("", "off", "none") else v
+
     drift_window: int = Field(1000, ge=10, description="events per distance window")
     drift_check_every: int = Field(100, ge=1)
     drift_min_events: int = Field(2000, ge=0, description="events per platform before alarms")

@@ -677,9 +677,15 @@ def similar(item: str | None, platform: str | None, text: str | None, to: str | 
               "best_baseline, ratio_ndcg@10, ratio_ci95}")
 @click.option("--report", type=click.Path(path_type=Path), default=None,
               help="also write the full report (every group and metric) as JSON here")
+@click.option("--dp-epsilons", "dp_epsilons", default=None, metavar="LIST",
+              help="the quality cost of differential privacy: after the main run, run xrec "
+              "again once per target ε of this comma list (e.g. 1,4,8,off; XREC_DP_DELTA, "
+              "XREC_DP_CLIP, XREC_DP_REPLAY_* apply) and print NDCG@10 beside the "
+              "accountant's ε spent and noise multiplier; --json then has a \"dp\" list")
 def eval_cmd(dataset: str | None, events: tuple[str, ...], catalogs: tuple[str, ...],
              sim_events: int, seed: int, limit: int | None, batch: int, warmup: float,
-             methods: str, device: str, as_json: bool, report: Path | None) -> None:
+             methods: str, device: str, as_json: bool, report: Path | None,
+             dp_epsilons: str | None = None) -> None:
     """Prequential evaluation (test-then-train) of xrec against baselines, in-process.
 
     Each positive event is first ranked, by every method as it was before seeing it,
@@ -708,6 +714,7 @@ def eval_cmd(dataset: str | None, events: tuple[str, ...], catalogs: tuple[str, 
       xrec eval --dataset movielens-100k-genres   # two platforms: cold start on real data
       xrec eval --dataset synthetic
       xrec eval --events shop:clicks.jsonl.gz --catalog shop:products.csv
+      xrec eval --dataset movielens-100k --dp-epsilons 1,4,8,off
 
     Metrics: Recall@10/20, NDCG@10, MRR (ranking); AUC, F1 (every labelled event,
     positive or negative). Groups: all, per platform, and coldstart (a user's first event
@@ -717,8 +724,9 @@ def eval_cmd(dataset: str | None, events: tuple[str, ...], catalogs: tuple[str, 
 
     from pydantic import SecretStr
 
+    from models.dp import from_settings as dp_from_settings
     from models.prequential import METHODS, EvalConfig
-    from xrec.evaluate import run_eval, summary_json, table
+    from xrec.evaluate import dp_table, run_eval, summary_json, table
 
     if dataset and (events or catalogs):
         raise click.UsageError("give --dataset or --events/--catalog, not both")
@@ -730,6 +738,18 @@ def eval_cmd(dataset: str | None, events: tuple[str, ...], catalogs: tuple[str, 
     bad = [m for m in wanted if m not in METHODS]
     if bad:
         raise click.UsageError(f"unknown methods {bad}; choose from {', '.join(METHODS)}")
+    dp_list: list[float | None] = []
+    for v in (dp_epsilons or "").split(","):
+        v = v.strip().lower()
+        if v in ("off", "none", "inf"):
+            dp_list.append(None)
+        elif v:
+            try:
+                dp_list.append(float(v))
+            except ValueError:
+                raise click.UsageError(f"--dp-epsilons: {v!r} is not a number or off") from None
+            if not 0 < dp_list[-1] < float("inf"):
+                raise click.UsageError("--dp-epsilons: each ε must be > 0 (or off)")
     s = _settings()
     if s.pseudonym_secret is None:  # keys never leave this process: any secret will do
         s = s.model_copy(update={"pseudonym_secret": SecretStr(secrets.token_hex(16))})
@@ -741,6 +761,7 @@ def eval_cmd(dataset: str | None, events: tuple[str, ...], catalogs: tuple[str, 
                      cold_text=(s.cold_text_weight, s.cold_text_beta, s.cold_text_alpha,
                                 s.cold_text_hist), cold_text_grid=s.cold_text_grid())
     cfg.train.seed = cfg.model.seed = seed
+    cfg.train.dp = dp_from_settings(s, seed=seed)  # XREC_DP_EPSILON: as the worker trains
     out = sys.stderr if as_json else sys.stdout
 
     def say(msg: str) -> None:
@@ -748,8 +769,10 @@ def eval_cmd(dataset: str | None, events: tuple[str, ...], catalogs: tuple[str, 
 
     rep = run_eval(s, _platforms(s), dataset=dataset, events=events, catalogs=catalogs,
                    sim_events=sim_events, seed=seed, cfg=cfg, limit=limit, say=say,
-                   progress=True)
+                   progress=True, dp_epsilons=dp_list)
     say(table(rep))
+    if "dp" in rep:
+        say(dp_table(rep))
     say(f"{rep['events']:,} events, {rep['evaluated']:,} ranked; {rep['seconds']} s "
         f"(prequential {rep['prequential_seconds']} s); training: " + "; ".join(
             f"{k} {v['steps']} steps on {v['device']}, p50 {v['step_ms_p50']} ms/step, "

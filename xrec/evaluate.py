@@ -17,10 +17,16 @@ text encoder for items. Datasets:
                       platform after ratings on the other is a cross-platform cold start
                       on real behaviour.
 * your own files      ``--events [PLATFORM:]FILE`` and ``--catalog [PLATFORM:]FILE``
+
+``dp_epsilons`` (``xrec eval --dp-epsilons 1,4,8,off``): the quality cost of differential
+privacy (:mod:`models.dp`). After the main run, xrec (and xrec_model, the model alone: the
+part DP protects) run again on the same stream once per target ε, each with its own
+trainer; the report's ``dp`` rows carry the accountant's figures beside NDCG@10.
 """
 
 from __future__ import annotations
 
+import copy
 import heapq
 import json
 import logging
@@ -43,7 +49,8 @@ from streams.platforms import BUILTIN_DIR, PlatformRegistry, load_platform_file
 from streams.records import Interaction
 from streams.settings import Settings
 
-__all__ = ["run_eval", "movielens_100k_dir", "split_spec", "summary_json", "table"]
+__all__ = ["run_eval", "movielens_100k_dir", "split_spec", "summary_json", "table",
+           "dp_table"]
 
 log = logging.getLogger("xrec.eval")
 ML_FILES = ("ml-100k.inter", "ml-100k.item")
@@ -297,8 +304,12 @@ def run_eval(settings: Settings, platforms: PlatformRegistry, *, dataset: str | 
              seed: int = 7, cfg: EvalConfig | None = None, limit: int | None = None,
              say: Callable[[str], None] = print, progress: bool = False,
              sim_drift: Sequence[str] = (),
-             setup: Callable[[Prequential], None] | None = None) -> dict[str, Any]:
-    """Run the evaluation; returns the full report (the CLI prints a table and the JSON)."""
+             setup: Callable[[Prequential], None] | None = None,
+             dp_epsilons: Sequence[float | None] = ()) -> dict[str, Any]:
+    """Run the evaluation; returns the full report (the CLI prints a table and the JSON).
+
+    ``dp_epsilons``: also run xrec once per target ε (None: without DP), see the module
+    docstring; the report then has a ``dp`` list."""
     t_start = time.perf_counter()
     cfg = cfg or EvalConfig()
     dead: dict[str, int] = {}
@@ -348,13 +359,81 @@ def run_eval(settings: Settings, platforms: PlatformRegistry, *, dataset: str | 
            total=len(inter), progress=tick)
     series.flush()
     res = pq.results()
-    return {"dataset": dataset or "files", "events": len(inter), "deadlettered": dead,
-            "evaluated": pq.evaluated, "results": res, "train": pq.train_stats(),
-            "params": pq.params(), "comparison": comparison(pq, res),
-            "seconds": round(time.perf_counter() - t_start, 1),
-            "prequential_seconds": round(time.perf_counter() - t0, 1),
-            "platforms": sorted({x.platform for x in inter}),
-            "series": series.report(), "drift_injected": injected}
+    prequential_s = time.perf_counter() - t0
+    out = {"dataset": dataset or "files", "events": len(inter), "deadlettered": dead,
+           "evaluated": pq.evaluated, "results": res, "train": pq.train_stats(),
+           "params": pq.params(), "comparison": comparison(pq, res),
+           "seconds": 0.0, "prequential_seconds": round(prequential_s, 1),
+           "platforms": sorted({x.platform for x in inter}),
+           "series": series.report(), "drift_injected": injected}
+    if dp_epsilons:
+        events_of = [Event(x.user, x.platform, x.item, x.label, x.weight, x.event_time)
+                     for x in inter]
+        out["dp"] = _dp_sweep(settings, catalog, events_of, cfg, pq, dp_epsilons, say,
+                              progress)
+    out["seconds"] = round(time.perf_counter() - t_start, 1)
+    return out
+
+
+def _dp_row(eps: float | None, pq: Prequential, res: dict[str, Any], seconds: float | None
+            ) -> dict[str, Any]:
+    from models.dp import epsilon as dp_epsilon
+
+    assert pq.online is not None
+    tr = pq.online.trainer
+    model = res.get("xrec_model", {}).get("all", {})
+    row: dict[str, Any] = {"epsilon": "off" if eps is None else eps, "epsilon_spent": None,
+                           "noise_multiplier": None, "delta": None, "clip": None,
+                           "ndcg@10": model.get("ndcg@10"), "recall@10": model.get("recall@10"),
+                           "xrec_ndcg@10": res.get("xrec", {}).get("all", {}).get("ndcg@10"),
+                           "steps": tr.stats.steps,
+                           "seconds": None if seconds is None else round(seconds, 1)}
+    if tr.dp is not None:
+        c, spent = tr.dp.cfg, tr.dp.epsilon_spent()
+        row.update({"epsilon_spent": round(max(spent.values(), default=0.0), 4),
+                    "epsilon_spent_by_platform": {p: round(v, 4) for p, v in spent.items()},
+                    "epsilon_fresh_only": round(dp_epsilon(c.sigma, c.delta, c.steps), 4),
+                    "noise_multiplier": round(c.sigma, 4), "delta": c.delta, "clip": c.clip,
+                    "replay_rate": c.replay_rate, "replay_steps": c.replay_steps,
+                    "retired_from_replay": tr.dp.retired})
+    return row
+
+
+def _dp_sweep(settings: Settings, catalog: dict[str, tuple[list[str], np.ndarray]],
+              events: list[Event], cfg: EvalConfig, main: Prequential,
+              epsilons: Sequence[float | None], say: Callable[[str], None],
+              progress: bool) -> list[dict[str, Any]]:
+    """xrec (the hybrid) and xrec_model once per target ε on the same stream; "off" reuses
+    the main run when that ran xrec_model without DP."""
+    from models.dp import from_settings
+
+    rows = []
+    for eps in epsilons:
+        main_res = main.results()
+        if eps is None and cfg.train.dp is None and "xrec_model" in main_res:
+            rows.append(_dp_row(None, main, main_res, None))
+            continue
+        c = copy.deepcopy(cfg)
+        c.methods = ("xrec", "xrec_model")
+        c.train.dp = None if eps is None else from_settings(settings, eps, seed=cfg.train.seed)
+        if c.train.dp is not None:
+            c.train.dp.calibrate(c.train.steps)
+        say(f"DP run: ε={'off' if eps is None else eps}" + (
+            f", δ={c.train.dp.delta:g}, clip {c.train.dp.clip:g}, noise multiplier "
+            f"{c.train.dp.sigma:.3f}" if c.train.dp is not None else ""))
+        pq = Prequential(catalog, c)
+        t0 = time.perf_counter()
+        last = [t0]
+
+        def tick(n: int, t0: float = t0, last: list[float] = last) -> None:
+            now = time.perf_counter()
+            if progress and now - last[0] > 5:
+                last[0] = now
+                say(f"  {n:,}/{len(events):,} events, {n / (now - t0):,.0f} events/s")
+
+        pq.run(iter(events), total=len(events), progress=tick)
+        rows.append(_dp_row(eps, pq, pq.results(), time.perf_counter() - t0))
+    return rows
 
 
 def _encode(settings: Settings, texts: dict[str, dict[str, str]], say: Callable[[str], None]
@@ -417,9 +496,42 @@ def summary_json(report: dict[str, Any]) -> dict[str, Any]:
             d["coldstart_recall@10"] = r.get("coldstart", {}).get("recall@10")
         methods[m] = d
     cmp = report.get("comparison") or {}
-    return {"dataset": report["dataset"], "events": report["events"], "methods": methods,
-            "best_baseline": cmp.get("best_baseline"), "ratio_ndcg@10": cmp.get("ratio_ndcg@10"),
-            "ratio_ci95": cmp.get("ratio_ci95")}
+    out = {"dataset": report["dataset"], "events": report["events"], "methods": methods,
+           "best_baseline": cmp.get("best_baseline"), "ratio_ndcg@10": cmp.get("ratio_ndcg@10"),
+           "ratio_ci95": cmp.get("ratio_ci95")}
+    if "dp" in report:  # only with --dp-epsilons
+        out["dp"] = [{k: r.get(k) for k in ("epsilon", "epsilon_spent", "noise_multiplier",
+                                             "delta", "ndcg@10", "recall@10", "xrec_ndcg@10")}
+                     for r in report["dp"]]
+    return out
+
+
+def dp_table(report: dict[str, Any]) -> str:
+    """The quality cost of differential privacy: one line per target ε (``--dp-epsilons``)."""
+    rows = report.get("dp") or []
+    off = next((r for r in rows if r["epsilon"] == "off"), None)
+
+    def f(v: Any, fmt: str = ".4f") -> str:
+        return "-" if v is None else format(v, fmt)
+
+    def rel(r: dict[str, Any], k: str) -> str:
+        if off is None or r.get(k) is None or not off.get(k):
+            return "-"
+        return f"{r[k] / off[k]:.3f}"
+
+    lines = ["differential privacy (xrec_model: the DP-trained model alone; xrec: + popco "
+             "and the text prior, which learn without noise)",
+             f"  {'ε target':>9}{'ε spent':>9}{'σ':>8}{'δ':>9}{'NDCG@10':>9}{'recall@10':>10}"
+             f"{'NDCG/off':>9}{'rec/off':>9}{'xrec NDCG':>10}{'xrec/off':>9}"]
+    for r in rows:
+        lines.append(f"  {str(r['epsilon']):>9}{f(r['epsilon_spent'], '.3f'):>9}"
+                     f"{f(r['noise_multiplier'], '.3f'):>8}{f(r['delta'], 'g'):>9}"
+                     f"{f(r['ndcg@10']):>9}{f(r['recall@10']):>10}{rel(r, 'ndcg@10'):>9}"
+                     f"{rel(r, 'recall@10'):>9}{f(r['xrec_ndcg@10']):>10}"
+                     f"{rel(r, 'xrec_ndcg@10'):>9}")
+    lines.append("  privacy unit: one training example (not a user); ε spent: the accountant's "
+                 "(RDP) figure for the most-used example")
+    return "\n".join(lines)
 
 
 def table(report: dict[str, Any]) -> str:

@@ -9,6 +9,10 @@ Cost: a batch starts at most every ``XREC_TRAIN_INTERVAL_S``; a batch bigger tha
 size (``xrec_train_skipped_total`` counts the rest); ``XREC_TRAIN_CPU_SHARE`` < 1 rests
 after each batch in proportion to its work, bounding the share of a core training takes.
 
+Differential privacy (``XREC_DP_EPSILON``, off by default): the trainer takes DP-SGD
+steps (:mod:`models.dp`) and ``xrec_dp_epsilon_spent{platform}`` reports the ε its most-used
+training example of each platform has spent (at most the target).
+
 Run it in its own worker process (``xrec worker --agents train`` with its own
 ``XREC_APP_ID``; what ``xrec dev`` and docker-compose do): training is CPU-bound Python
 and torch, and in the recommenders' process it competes with serving for the GIL. One
@@ -45,6 +49,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from models.dp import from_settings as dp_from_settings
 from models.drift import Reactions
 from streams.agents.batching import consume_batches
 from streams.agents.context import Context
@@ -134,6 +139,11 @@ def install(ctx: Context) -> None:
                                "standby train agent consumed without learning from them")
     m.registry.add(standby_gauge)
     m.registry.add(standby_examples)
+    dp = dp_from_settings(s)
+    dp_spent = Gauge("xrec_dp_epsilon_spent", "differential privacy: ε spent by the most-used "
+                     "training example of the platform (accountant; at most XREC_DP_EPSILON)",
+                     ["platform"])
+    m.registry.add(dp_spent)
     published = [0]  # the version this agent last published
 
     async def lease_tick() -> bool:
@@ -154,6 +164,10 @@ def install(ctx: Context) -> None:
         if fresh:
             await state._retry("trainer start", trainer.start)
             reactions = None
+            if dp is not None and trainer.trainer is not None:
+                trainer.trainer.cfg.dp = dp.calibrate(trainer.trainer.cfg.steps)
+                log.info("differential privacy on: ε=%g per example at δ=%g, clip %g, noise "
+                         "multiplier %.3f", dp.epsilon, dp.delta, dp.clip, dp.sigma)
         return True
 
     async def react_to_drift() -> None:
@@ -210,6 +224,9 @@ def install(ctx: Context) -> None:
             return
         blob = await loop.run_in_executor(pool, trainer.blob)
         newest = max(r.produced_at for r in recs)
+        if trainer.trainer is not None:
+            for p, eps in trainer.trainer.dp_epsilon_spent().items():
+                dp_spent.set(eps, p)
         meta = {"batch_arrived_at": arrived, "newest_produced_at": newest}
         try:
             version = await state._retry("head publish", lambda: trainer.reg.publish(
