@@ -60,6 +60,7 @@ class Example:
     history: list[tuple[int, int, float]]  # (gid, label, time)
     time: float
     weight: float = 1.0
+    user: str = ""  # the pseudonymous user key (an erasure drops the user's buffered examples)
 
 
 @dataclass
@@ -86,8 +87,8 @@ class OnlineTrainer:
         self._opt: tuple[torch.optim.Optimizer, torch.optim.Optimizer] | None = None
         self._opt_params: set[int] = set()
         self._ema: dict[str, torch.Tensor] = {}
-
         self.dp: DPLedger | None = None  # the privacy ledger, once a DP step was taken
+
     # ------------------------------------------------------------------ setup
     def _optimizer(self) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
         """(Re)built when platforms were added; state of existing parameters is kept.
@@ -121,6 +122,17 @@ class OnlineTrainer:
         """Drop the replay buffer (examples of a regime that drift says is over)."""
         n = len(self.buffer)
         self.buffer = []
+        return n
+
+    def forget_users(self, users: set[str]) -> int:
+        """Drop the replay buffer's examples of these users (an erasure, ``xrec forget``):
+        they are never trained on again. Returns how many were dropped."""
+        keep = [e.user not in users for e in self.buffer]
+        n = keep.count(False)
+        if n:
+            if self.dp is not None and len(self.dp.used) == len(keep):
+                self.dp.used = [u for u, k in zip(self.dp.used, keep, strict=True) if k]
+            self.buffer = [e for e, k in zip(self.buffer, keep, strict=True) if k]
         return n
 
     def reanchor_ema(self) -> None:
@@ -159,6 +171,8 @@ class OnlineTrainer:
             return 0
         for e in examples:
             self.model.add_platform(e.platform)
+        if self.cfg.dp is not None:
+            return self._learn_dp(examples, self.cfg.dp)
         self._observe(examples)
         taken = 0
         for _ in range(self.cfg.steps):
@@ -171,8 +185,6 @@ class OnlineTrainer:
         if len(self.buffer) > self.cfg.replay:
             del self.buffer[: len(self.buffer) - self.cfg.replay]
         self.stats.examples += len(examples)
-        if self.cfg.dp is not None:
-            return self._learn_dp(examples, self.cfg.dp)
         return taken
 
     def _cold(self, e: Example) -> Example:
@@ -247,6 +259,11 @@ class OnlineTrainer:
                                                  check_invariants=False)
         dense_opt.step()
         sparse_opt.step()
+        self._after_step(named, float(loss.detach()), t0)
+        return 1
+
+    def _after_step(self, named: list[tuple[str, torch.nn.Parameter]], loss: float,
+                    t0: float) -> None:
         with torch.no_grad():
             for n, p in named:
                 if n.startswith("ids."):
@@ -259,14 +276,8 @@ class OnlineTrainer:
         self.stats.steps += 1
         self.stats.last_loss = loss
         self.stats.step_ms.append((time.perf_counter() - t0) * 1000)
-        self._after_step(named, float(loss.detach()), t0)
-        return 1
-
-    def _after_step(self, named: list[tuple[str, torch.nn.Parameter]], loss: float,
-                    t0: float) -> None:
         if len(self.stats.step_ms) > 1000:
             del self.stats.step_ms[:500]
-        return 1
 
     # -------------------------------------------------------------- private
     def _learn_dp(self, examples: list[Example], dp: DPConfig) -> int:
@@ -323,6 +334,7 @@ class OnlineTrainer:
         ok = torch.isfinite(losses)
         loss = float(losses[ok].mean()) if ok.any() else float("nan")
         self._after_step(named, loss, t0)
+        return 1
 
     def dp_epsilon_spent(self) -> dict[str, float]:
         """platform → ε spent by its most-used example (empty while DP is off)."""

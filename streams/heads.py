@@ -1036,7 +1036,7 @@ class TrainerService:
         self.tables.sync()
         t = self.tables.table
         ex = [Example(r.platform, t.ensure(r.platform, r.item),
-                      self.tables.gid_history(r.history), r.event_time, r.weight)
+                      self.tables.gid_history(r.history), r.event_time, r.weight, r.user)
               for r in recs]
         return self.trainer.learn(ex)
 

@@ -13,6 +13,7 @@ invalid_json         not JSON (NaN / Infinity literals count as invalid)
 too_deep             JSON nested deeper than ``XREC_MAX_JSON_DEPTH``
 not_an_object        JSON, but not an object
 unknown_platform     (ingest topic) ``platform`` missing or not configured
+platform_mismatch    (a platform's topic) ``platform`` names another configured platform
 schema               a field is missing, of the wrong type or out of range, or the
                      event has more than ``XREC_MAX_EVENT_FIELDS`` fields
 time_out_of_range    event time before ``XREC_MIN_EVENT_TIME`` or too far ahead
@@ -45,7 +46,8 @@ __all__ = ["Normalizer", "Pseudonymizer", "DEADLETTER_CODES"]
 
 DEADLETTER_CODES = (
     "too_large", "invalid_utf8", "invalid_json", "too_deep", "not_an_object",
-    "unknown_platform", "schema", "time_out_of_range", "mapping", "unlabelled",
+    "unknown_platform", "platform_mismatch", "schema", "time_out_of_range", "mapping",
+    "unlabelled",
 )
 REDACTED = "<redacted>"
 
@@ -161,6 +163,16 @@ class Normalizer:
                                   f"unknown platform {shown}; configured: "
                                   f"{', '.join(sorted(self.platforms))}", raw, blind)
             platform = name
+        else:
+            name = obj.get("platform")
+            if isinstance(name, str) and name != platform and name in self.platforms:
+                # an event naming another configured platform on this platform's topic: a
+                # producer writing where it should not (a field naming no xrec platform,
+                # e.g. a device's "ios", is the platform's own business and passes)
+                blind = {k: (v if k == "platform" else "…") for k, v in obj.items()}
+                return self._dead(src, platform, "platform_mismatch",
+                                  f"the event names platform {name!r} but arrived on "
+                                  f"{platform!r}'s topic", raw, blind)
         p = self.platforms[platform]
         try:
             rec = p.event_model.model_validate(obj)

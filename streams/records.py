@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["Interaction", "Evidence", "Why", "RecItem", "Recommendations", "DeadLetter",
+__all__ = ["Interaction", "Evidence", "Why", "RecItem", "Recommendations", "DeadLetter", "Forget",
            "CatalogItem", "TrainingExample", "HeadVersion", "QualityWindow", "DriftSignal",
            "DriftReaction", "DriftWindow"]
 
@@ -98,6 +98,20 @@ class DeadLetter(BaseModel):
     excerpt: str = Field(description="start of the payload, identity fields redacted")
     size: int
     at: float
+
+
+class Forget(BaseModel):
+    """An erasure (``xrec forget``), on the unified topic keyed by the user key like that
+    user's events, so every worker meets it in order with them: the worker that owns the
+    partition deletes the user's state, publishes a tombstone on every recommendation topic
+    and publishes nothing more for the user from events produced up to ``at``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    forget: str = Field(min_length=1, max_length=128, description="the pseudonymous user key")
+    at: float = Field(description="erasure time: the user's events produced up to it are "
+                      "skipped wherever they still are")
+    id: str = Field("", max_length=64, description="the erasure's id (for the audit trail)")
 
 
 class CatalogItem(BaseModel):

@@ -179,6 +179,10 @@ class Settings(BaseSettings):
     recs_ttl_s: int = Field(7 * 86400, ge=60)
     eid_keep: int = Field(500, ge=10, description="event ids remembered per user and "
                           "platform for dedup (as 8-byte fingerprints)")
+    erasure_keep_s: float = Field(
+        7 * 86400, ge=0, description="how long an erased user's mark (pseudonymous key → "
+        "erasure time) is kept so that its earlier events, still in the logs, are skipped: "
+        "keep it at least as long as the platform and unified topics' retention")
 
     state_epoch: str = Field(
         "0", description="namespaces offset watermarks; change it when the broker's offsets "
@@ -237,10 +241,6 @@ class Settings(BaseSettings):
                                  "between the older index proposes candidates and the served "
                                  "version scores them exactly")
 
-    # --- drift (models/drift.py) ---------------------------------------------------------
-    drift_enabled: bool = Field(True, description="run the drift monitor in recommend workers")
-    drift_reactions: bool = Field(True, description="global off switch for drift reactions "
-                                  "(per platform: the `drift:` block of its config file)")
     # --- differential privacy of head updates (models/dp.py; README, Differential privacy)
     dp_epsilon: float | None = Field(
         None, gt=0, description="DP-SGD on the heads: per-example clipping and Gaussian noise "
@@ -262,6 +262,10 @@ class Settings(BaseSettings):
     def _dp_off(cls, v: object) -> object:
         return None if isinstance(v, str) and v.strip().lower() in ("", "off", "none") else v
 
+    # --- drift (models/drift.py) ---------------------------------------------------------
+    drift_enabled: bool = Field(True, description="run the drift monitor in recommend workers")
+    drift_reactions: bool = Field(True, description="global off switch for drift reactions "
+                                  "(per platform: the `drift:` block of its config file)")
     drift_window: int = Field(1000, ge=10, description="events per distance window")
     drift_check_every: int = Field(100, ge=1)
     drift_min_events: int = Field(2000, ge=0, description="events per platform before alarms")

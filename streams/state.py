@@ -107,6 +107,7 @@ _LUA_APPLY = (_LUA_DIR / "apply.lua").read_text()
 _LUA_UNSEEN = (_LUA_DIR / "unseen.lua").read_text()
 _LUA_DEADLETTER = (_LUA_DIR / "deadletter.lua").read_text()
 _LUA_CACHE = (_LUA_DIR / "cache.lua").read_text()
+_LUA_FORGET = (_LUA_DIR / "forget.lua").read_text()
 
 
 _CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
@@ -292,6 +293,9 @@ class ApplyResult:
     applied_events: list[tuple[Interaction, list[HistEntry]]] = field(default_factory=list)
     #: (with history) each touched user's history after the batch, newest first
     history: dict[str, list[HistEntry]] = field(default_factory=dict)
+    #: users whose events this batch skipped because they were erased after producing
+    #: them (left out of ``touched``: nothing is recommended to them from those events)
+    erased: set[str] = field(default_factory=set)
 
 
 class RedisState:
@@ -309,6 +313,7 @@ class RedisState:
         self._unseen_script = redis.register_script(_LUA_UNSEEN)
         self._deadletter_script = redis.register_script(_LUA_DEADLETTER)
         self._cache_script = redis.register_script(_LUA_CACHE)
+        self._forget_sha = redis.register_script(_LUA_FORGET).sha
         self.on_error: Any = None  # called on every retried Redis error (metrics)
         self._pop_cache: dict[str, tuple[float, _Pop]] = {}
         self._co_cache: dict[tuple[str, str], tuple[float, list[tuple[str, float]]]] = {}
@@ -392,7 +397,8 @@ class RedisState:
                 g = groups[sh] = ([], [])
             g[0].append([q, f"{ev.src_topic}:{ev.src_partition}", ev.src_offset, ev.user,
                          ev.platform, ev.item, ev.label, round(ev.weight, 6),
-                         round(ev.event_time, 3), event_fp(ev.event_id)])
+                         round(ev.event_time, 3), event_fp(ev.event_id),
+                         round(ev.produced_at, 3)])
             g[1].append(n)
         cfg = {"win": s.cooc_window, "seen": s.seen_len, "fpw": FP_WIDTH,
                "eids": s.eid_keep, "cokeep": s.cooc_keep,
@@ -422,6 +428,11 @@ class RedisState:
                 raw = await self._retry("apply", lambda: self._apply_script(args=[req]))
             res = json.loads(raw)
         out.applied, out.dup_offset, out.dup_event = res["a"], res["o"], res["e"]
+        x = res.get("x")
+        if isinstance(x, dict) and x:
+            out.erased = set(x)
+            for pair in [pair for pair in out.touched if pair[0] in out.erased]:
+                del out.touched[pair]
         recent = res.get("r") or {}
         for (u, p), t in out.touched.items():
             rp = recent.get(f"{u}\t{p}") or []
@@ -724,6 +735,55 @@ class RedisState:
         for rec, payload in recs:
             args += [self.k("recs", rec.platform, rec.user), payload]
         await self._retry("cache", lambda: self._cache_script(args=args))
+
+    # ---------------------------------------------------------------- erasure
+    async def forget(self, user: str, at: float, platforms: Sequence[str]) -> int:
+        """Erase ``user`` (``lua/forget.lua``, on its shard): mark it erased at ``at``
+        (the apply script skips its events produced up to then, wherever they still are)
+        and delete every per-user key of the known layout, cached recommendations of
+        ``platforms`` included. Idempotent. Returns the keys deleted."""
+        sh = self.keys.shard(user)
+        req = json.dumps({"p": self.keys.sp(sh), "u": user, "at": round(at, 3),
+                          "now": time.time(), "keep": self.s.erasure_keep_s,
+                          "plats": sorted(platforms)}, separators=(",", ":"))
+        res = await self._retry("forget", lambda: self._eval_many(
+            _LUA_FORGET, self._forget_sha, [(self.keys.stats(sh), req)], wait=True))
+        return int(res[0])
+
+    async def erased_at(self, users: Iterable[str]) -> dict[str, float]:
+        """The erasure time of each of ``users`` that was erased (the others are absent)."""
+        users = list(dict.fromkeys(users))
+        if not users:
+            return {}
+        keys = self.keys
+
+        async def _do() -> list[Any]:
+            pipe = self.r.pipeline(transaction=False)
+            for u in users:
+                pipe.zscore(keys.sp(keys.shard(u)) + "erased", u)
+            return await pipe.execute()
+
+        res = await self._retry("erased", _do)
+        return {u: float(v) for u, v in zip(users, res, strict=True) if v is not None}
+
+    async def erasures_since(self, t: float) -> dict[str, float]:
+        """Users erased at a time after ``t`` (every shard): user → erasure time."""
+        pipe = self.r.pipeline(transaction=False)
+        for sh in self.keys.all_shards():
+            pipe.zrangebyscore(self.keys.sp(sh) + "erased", f"({t!r}", "+inf",
+                               withscores=True)
+        return {(u.decode() if isinstance(u, bytes) else u): float(at)
+                for part in await self._retry("erasures", pipe.execute) for u, at in part}
+
+    async def user_keys(self, user: str) -> list[str]:
+        """Every key that names ``user`` (a SCAN of the whole key space, every node of a
+        cluster: slow on a big deployment; what ``xrec forget`` checks and cleans with)."""
+        sp = self.keys.sp(self.keys.shard(user))
+        out: list[str] = []
+        for pattern in (f"{sp}u:{user}:*", f"{sp}recs:*:{user}"):
+            async for k in self.r.scan_iter(match=pattern, count=1000):
+                out.append(k.decode() if isinstance(k, bytes) else k)
+        return sorted(set(out))
 
     # ------------------------------------------------------------------ reads
     async def stats(self) -> dict[str, int]:

@@ -90,7 +90,7 @@ ADDED = {
     "xrec_quality_ndcg_at_10": {"platform", "cohort"},
     "xrec_quality_window_events": {"platform", "cohort"},
     "xrec_drift_value": {"platform", "signal"}, "xrec_head_version_published": set(),
-    "xrec_train_loss": set(),
+    "xrec_train_loss": set(), "xrec_erasures_total": set(),
     **{f"xrec_head_{h}_seconds_{s}": ({"le"} if s == "bucket" else set())
        for h in ("used_after", "event_to_use", "event_to_publish")
        for s in ("bucket", "count", "sum")},

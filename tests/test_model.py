@@ -134,3 +134,25 @@ def test_drift_reactions_on_a_real_trainer():
     tr.set_lr(0.5)
     tr.learn(pair_examples(t, 8))
     assert all(g["lr"] == 0.5 for opt in tr._opt for g in opt.param_groups)
+
+
+def test_forget_users_drops_their_buffered_examples_only():
+    """An erasure: the erased users' examples leave the replay buffer (never replayed
+    again), the others stay in order; under DP the budget ledger stays aligned."""
+    from models.dp import DPConfig
+
+    for dp in (None, DPConfig(epsilon=8.0, delta=1e-6, seed=1)):
+        t = table()
+        m = HeadsModel(ModelConfig(**CFG), ["a", "b"])
+        tr = OnlineTrainer(m, t, TrainConfig(seed=0, uniform_negatives=8, dp=dp))
+        ex = pair_examples(t, 12)
+        for i, e in enumerate(ex):
+            e.user = f"u{i % 3}"
+        tr.learn(ex)
+        assert len(tr.buffer) == 12
+        assert tr.forget_users({"u1", "nobody"}) == 4
+        assert [e.user for e in tr.buffer] == [f"u{i % 3}" for i in range(12) if i % 3 != 1]
+        if dp is not None:
+            assert len(tr.dp.used) == len(tr.buffer)
+        tr.learn(pair_examples(t, 4, seed=9))  # still learns
+        assert tr.forget_users({"u1"}) == 0

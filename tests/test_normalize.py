@@ -139,6 +139,17 @@ def test_ingest_topic_routes_by_platform_field(norm):
         assert "raw-member-9" not in out.excerpt  # unknown schema: no values at all
 
 
+def test_a_platform_field_naming_another_platform_is_dead_lettered(norm):
+    """Isolation: a record on video's topic that says it is a music event is refused
+    (platform_mismatch), whatever else it holds; a field naming no xrec platform (a device
+    "platform") and the topic's own name pass."""
+    out = run(norm, video(platform="music"))
+    assert isinstance(out, DeadLetter) and out.code == "platform_mismatch"
+    assert out.platform == "video" and "raw-viewer-42" not in out.excerpt
+    for ok in ("video", "ios"):
+        assert isinstance(run(norm, video(platform=ok)), Interaction), ok
+
+
 def test_mapping_errors_are_dead_letters():
     reg = load_platforms()
     n = Normalizer(Settings(env="dev"), reg, clock=lambda: NOW)

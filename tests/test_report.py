@@ -234,7 +234,7 @@ def test_report_needs_a_reachable_stack(tmp_path, monkeypatch):
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", f"127.0.0.1:{port}")
     res = CliRunner().invoke(cli, ["report", "--out", str(tmp_path / "r.html")])
     assert res.exit_code != 0
-    assert "cannot reach the broker" in str(res.exception) + res.output
+    assert "cannot reach the Kafka broker" in str(res.exception) + res.output
     assert not (tmp_path / "r.html").exists()
 
 

@@ -842,6 +842,62 @@ def report(from_eval: Path | None, out: Path, timeout: float) -> None:
     click.echo(f"report: {out.resolve()}")
 
 
+# ------------------------------------------------------------------------ forget
+@cli.command()
+@click.argument("user_key", required=False)
+@click.option("--raw-id", default=None, metavar="ID",
+              help="the user's id as PLATFORM sends it (hashed here with the secret, as the "
+              "normalizer does; never sent anywhere)")
+@click.option("--platform", "-p", default=None, help="the platform of --raw-id (or which "
+              "shared namespace --account-id is in)")
+@click.option("--account-id", default=None, metavar="A",
+              help="the account id platforms share (identity.shared)")
+@click.option("--json", "as_json", is_flag=True,
+              help="last stdout line: {user, erased_at, keys_deleted, keys_left, tombstones, "
+              "control_topic, erasure_id}")
+@click.option("--timeout", default=30.0, show_default=True, help="seconds for the broker")
+def forget(user_key: str | None, raw_id: str | None, platform: str | None,
+           account_id: str | None, as_json: bool, timeout: float) -> None:
+    """Erase one user: every key of theirs in Redis (state, history, consumed items, event
+    fingerprints, cached recommendations), a tombstone on every recommendation topic, and an
+    erasure record on the unified topic, which the worker owning the user's partition
+    carries out again in order with their events (nothing more is recommended or trained
+    from events they produced before now). Repeating it is harmless; later events of the
+    user start a fresh state. Kept: a mark (pseudonymous key, time) for
+    XREC_ERASURE_KEEP_S so that older events still in the logs are skipped.
+
+    \b
+    Examples:
+      xrec forget 3f1c…                        # a user key, as in recommendation records
+      xrec forget --raw-id c-1234 --platform shop
+      xrec forget --account-id acct-77 --json
+    """
+    import json as _json
+
+    from xrec.forget import forget_user
+    from xrec.forget import user_key as _user_key
+
+    s = _settings()
+    _need(s.kafka_bootstrap_servers, "KAFKA_BOOTSTRAP_SERVERS")
+    _need(s.redis_url, "REDIS_URL")
+    reg = _platforms(s)
+    try:
+        u = _user_key(s, reg, key=user_key, raw_id=raw_id, platform=platform,
+                      account_id=account_id)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    kafka_security = _preflight(s, kafka=True, redis=True)
+    out = forget_user(s, reg, u, kafka_security, timeout)
+    click.echo(f"forgot {u}: {out['keys_deleted']} Redis keys deleted ({out['keys_left']} "
+               f"left), tombstones on {out['tombstones']} recommendation topics, erasure "
+               f"{out['erasure_id']} on {out['control_topic']} for the workers",
+               err=as_json)
+    if as_json:
+        click.echo(_json.dumps(out))
+    if out["keys_left"]:
+        sys.exit(1)
+
+
 def main() -> None:
     logging.basicConfig(level=os.environ.get("XREC_LOG_LEVEL", "WARNING").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -52,6 +52,8 @@ class WorkerMetrics:
                                            "records produced, by topic", ["topic"]))
         self.deadlettered = reg.add(Counter("xrec_deadlettered_total",
                                             "dead-lettered records, by reason", ["reason"]))
+        self.erasures = reg.add(Counter("xrec_erasures_total", "erasures (xrec forget) "
+                                        "carried out in order with the users' events"))
         self.batch_ms = reg.add(Histogram("xrec_batch_latency_ms",
                                           "recommend micro-batch processing time"))
         self.stage_ms = reg.add(Histogram(

@@ -42,7 +42,7 @@ from streams.agents.context import Context
 from streams.agents.drift import DriftWatch
 from streams.heads import Ask, ModelServer, examples_json, recent_positives
 from streams.metrics import StageClock
-from streams.records import DeadLetter, Interaction
+from streams.records import DeadLetter, Forget, Interaction
 from streams.state import ApplyResult, RecsOut, Touched
 
 __all__ = ["Recommender", "CrossRefresh", "install"]
@@ -125,8 +125,12 @@ class Recommender:
         clock = StageClock()
         batch: list[tuple[int, Interaction]] = []
         bad: list[DeadLetter] = []
+        forgets: list[Forget] = []
         for topic, part, off, value in msgs:
             try:
+                if value is not None and value.startswith(b'{"forget"'):
+                    forgets.append(Forget.model_validate_json(value))
+                    continue
                 batch.append((part, Interaction.model_validate_json(value or b"")))
             except ValidationError as exc:
                 bad.append(ctx.bad_unified(topic, part, off, value, str(exc)))
@@ -144,6 +148,8 @@ class Recommender:
                     and s.hybrid_weight > 0 else None)
         result = await ctx.state.apply(batch, history=s.hist_len if ctx.use_model else 0,
                                        prefetch=prefetch)
+        if forgets:
+            await self._forget(forgets, result)
         clock.lap("apply")
         if server is not None and server.ready:
             ranks, recs, n_cross = await self._rank_model(server, result, clock)
@@ -261,6 +267,31 @@ class Recommender:
         clock.lap("rank")
         return ranks, out, n_cross
 
+
+    async def _forget(self, forgets: Sequence[Forget], result: ApplyResult) -> None:
+        """Carry out this batch's erasures after its apply: the user's keys deleted and
+        marked (``RedisState.forget``: repeated, harmless), nothing of the user ranked,
+        trained on or published from this batch, tombstones on every recommendation topic
+        (after anything this worker published for the user before: same partition, same
+        producer), and what this worker remembers of the user dropped. A crash before the
+        batch's offsets are committed redoes all of it."""
+        ctx = self.ctx
+        gone = {f.forget for f in forgets}
+        for f in forgets:
+            await ctx.state.forget(f.forget, f.at, list(self.recs_topic))
+        for pair in [p for p in result.touched if p[0] in gone]:
+            del result.touched[pair]
+        result.applied_events = [(ev, h) for ev, h in result.applied_events
+                                 if ev.user not in gone]
+        for u in gone:
+            result.history.pop(u, None)
+        for pair in [p for p in self._recent if p[0] in gone]:
+            del self._recent[pair]
+        for topic in self.recs_topic.values():
+            for u in sorted(gone):
+                await ctx.publish(topic, u.encode(), None)  # type: ignore[arg-type]
+        ctx.metrics.erasures.inc(len(forgets))
+        log.info("erased %d user(s) in order with their events", len(gone))
 
     def _attach(self, asks: Sequence[Ask], before: int | None,
                 recent: Sequence[list[str]] | None = None) -> None:

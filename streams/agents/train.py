@@ -214,19 +214,23 @@ def install(ctx: Context) -> None:
                 recs.append(TrainingExample.model_validate_json(ev.value))
             except ValidationError as exc:
                 log.warning("bad training example skipped: %s", str(exc)[:200])
+        # examples of users erased after producing them (xrec forget) are dropped here
+        erased = await state.erased_at({r.user for r in recs})
+        if erased:
+            recs = [r for r in recs if r.produced_at > erased.get(r.user, -1.0)]
         if not recs:
             return
         await react_to_drift()
         steps = await loop.run_in_executor(pool, trainer.learn, recs)
         if reactions is not None and reactions.tick(len(recs)):
             log.info("drift reaction: learning rate back to %g", reactions.base_lr)
+        if trainer.trainer is not None:
+            for p, eps in trainer.trainer.dp_epsilon_spent().items():
+                dp_spent.set(eps, p)
         if not steps:
             return
         blob = await loop.run_in_executor(pool, trainer.blob)
         newest = max(r.produced_at for r in recs)
-        if trainer.trainer is not None:
-            for p, eps in trainer.trainer.dp_epsilon_spent().items():
-                dp_spent.set(eps, p)
         meta = {"batch_arrived_at": arrived, "newest_produced_at": newest}
         try:
             version = await state._retry("head publish", lambda: trainer.reg.publish(
@@ -260,6 +264,27 @@ def install(ctx: Context) -> None:
             await lease_tick()
         except Exception:  # a report must never take the worker down
             log.exception("head lease tick failed")
+
+    erasures_seen = [time.time()]  # erasures before the agent started: nothing buffered
+
+    @app.timer(1.0)
+    async def forget_erased() -> None:
+        """Users erased since the last look (``xrec forget``): their examples leave the
+        replay buffer, so nothing of them is trained on again (in-flight ones are dropped
+        as they arrive, in ``learn_batch``)."""
+        try:
+            # a few seconds back: erasure times come from the CLI's clock (repeats are harmless)
+            new = await state.erasures_since(erasures_seen[0] - 5.0)
+            if not new or trainer.trainer is None:
+                return
+            n = await asyncio.get_running_loop().run_in_executor(
+                pool, trainer.trainer.forget_users, set(new))
+            erasures_seen[0] = max(erasures_seen[0], *new.values())
+            if n:
+                log.info("erasure: dropped %d buffered training examples of %d user(s)", n,
+                         len(new))
+        except Exception:  # a report must never take the worker down
+            log.exception("erasure check failed")
 
     @app.on_before_shutdown.connect
     async def _release_lease(sender: Any, **_kw: Any) -> None:

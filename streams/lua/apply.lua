@@ -1,13 +1,14 @@
 -- Apply a micro-batch of interactions atomically (a Lua script runs alone in Redis).
 -- ARGV[1] = JSON {p: key prefix, wm: watermark key prefix, cfg: {...}, ev: [[q, src, off,
---   user, platform, item, label, weight, time, fp], ...]}; fp = the event id's fixed-width
---   fingerprint (streams.state.event_fp).
+--   user, platform, item, label, weight, time, fp, produced], ...]}; fp = the event id's
+--   fixed-width fingerprint (streams.state.event_fp), produced = when the platform produced it.
 -- Per event: skip if its source offset <= the (unified partition, source partition)
--- watermark, or if its fingerprint is among the (user, platform)'s remembered ones; else
--- update state. Reads happen once per key and batch and writes are gathered per key to the
+-- watermark, if its user was erased at or after `produced` (`erased`, lua/forget.lua), or
+-- if its fingerprint is among the (user, platform)'s remembered ones; else update state. Reads happen once per key and batch and writes are gathered per key to the
 -- end (watermarks, fingerprints, history, seen, stats, users, rpos): a key's end state is
 -- what per-event writes would have left, with fewer Redis commands.
--- Returns JSON {a: applied, o: offset dups, e: event-id dups, r: {"user\tplatform": [recent
+-- Returns JSON {a: applied, o: offset dups, e: event-id dups, x: {user: true} of the users
+-- whose events were skipped as erased (absent when none), r: {"user\tplatform": [recent
 -- positive items, newest first]}, and when cfg.hist > 0: i: [1-based indices of the applied
 -- events], h: {user: cross-platform history BEFORE the batch, newest first, as its JSON
 --   entries joined by commas},
@@ -23,6 +24,8 @@ local hist_add, seen_add = {}, {}  -- user / pair → ZADD arguments gathered
 local stat, stat_last = {}, {}   -- user → {field → increment} / {platform → time}
 local users, users_n = {}, 0     -- users applied in this batch (one SADD)
 local rpos_dirty = {}            -- pair → true when its recent positives changed
+local erased, x, nx = {}, {}, 0  -- user → erasure time (-1: none) / skipped as erased
+local any_erased = redis.call('EXISTS', P .. 'erased') == 1
 
 -- is fingerprint f (width L) one of the aligned fields of s?
 local function has_fp(s, f, L)
@@ -36,7 +39,7 @@ local function has_fp(s, f, L)
 end
 
 for n, ev in ipairs(req.ev) do
-  local q, src, off, u, p, item, label, w, t, fp = unpack(ev)
+  local q, src, off, u, p, item, label, w, t, fp, pat = unpack(ev)
   local pk = u .. '\t' .. p
   local base = P .. 'u:' .. u .. ':' .. p
   if recent_pos[pk] == nil then
@@ -55,81 +58,93 @@ for n, ev in ipairs(req.ev) do
     cur = tonumber(redis.call('HGET', req.wm .. q, src) or '-1')
     wm[wk] = cur
   end
+  local ea = erased[u]
+  if ea == nil then
+    ea = any_erased and tonumber(redis.call('ZSCORE', P .. 'erased', u) or '-1') or -1
+    erased[u] = ea
+  end
+  -- produced before its user's erasure: never applied, and (even when a redelivered
+  -- duplicate) nothing is recommended from it
+  if pat <= ea then x[u] = true end
   if off <= cur then
     dup_off = dup_off + 1
   else
     wm[wk] = off
     wm_key[wk] = {req.wm .. q, src}
-    local have = fps[pk]
-    if have == nil then have = redis.call('GET', base .. ':ef') or '' end
-    if has_fp(have, fp, c.fpw) then
-      fps[pk] = have
-      dup_ev = dup_ev + 1
+    if pat <= ea then
+      nx = nx + 1
     else
-      fps[pk] = have .. fp
-      fp_dirty[pk] = base .. ':ef'
-      applied = applied + 1
-      -- event times in whole milliseconds: an integer score is stored compactly
-      local tms = math.floor(t * 1000 + 0.5)
-      if c.hist > 0 then
-        applied_idx[#applied_idx + 1] = n
-        -- ordered by event time, not arrival: the same events give the same history
-        -- whatever the interleaving of platforms (the fingerprint keeps members unique).
-        -- Members stay under 64 bytes for usual ids, so Redis keeps them compact.
-        local h = hist_add[u]
-        if h == nil then h = {}; hist_add[u] = h end
-        h[#h + 1] = tms
-        h[#h + 1] = cjson.encode({p, item, label, t, string.sub(fp, 1, 6)})
-      end
-      local sa = seen_add[pk]
-      if sa == nil then sa = {base .. ':seen'}; seen_add[pk] = sa end
-      sa[#sa + 1] = math.floor(t)
-      sa[#sa + 1] = item
-      local su = stat[u]
-      if su == nil then
-        su = {}; stat[u] = su; stat_last[u] = {}
-        users_n = users_n + 1; users[users_n] = u
-      end
-      local f = p .. ':events'
-      su[f] = (su[f] or 0) + 1
-      f = p .. ((label == 1) and ':pos' or ':neg')
-      su[f] = (su[f] or 0) + 1
-      stat_last[u][p] = t
-      if label == 1 then
-        local popk, mk = P .. 'pop:' .. p, P .. 'popmeta:' .. p
-        local a = anchors[p]
-        if a == nil then
-          a = tonumber(redis.call('HGET', mk, 'anchor'))
+      local have = fps[pk]
+      if have == nil then have = redis.call('GET', base .. ':ef') or '' end
+      if has_fp(have, fp, c.fpw) then
+        fps[pk] = have
+        dup_ev = dup_ev + 1
+      else
+        fps[pk] = have .. fp
+        fp_dirty[pk] = base .. ':ef'
+        applied = applied + 1
+        -- event times in whole milliseconds: an integer score is stored compactly
+        local tms = math.floor(t * 1000 + 0.5)
+        if c.hist > 0 then
+          applied_idx[#applied_idx + 1] = n
+          -- ordered by event time, not arrival: the same events give the same history
+          -- whatever the interleaving of platforms (the fingerprint keeps members unique).
+          -- Members stay under 64 bytes for usual ids, so Redis keeps them compact.
+          local h = hist_add[u]
+          if h == nil then h = {}; hist_add[u] = h end
+          h[#h + 1] = tms
+          h[#h + 1] = cjson.encode({p, item, label, t, string.sub(fp, 1, 6)})
+        end
+        local sa = seen_add[pk]
+        if sa == nil then sa = {base .. ':seen'}; seen_add[pk] = sa end
+        sa[#sa + 1] = math.floor(t)
+        sa[#sa + 1] = item
+        local su = stat[u]
+        if su == nil then
+          su = {}; stat[u] = su; stat_last[u] = {}
+          users_n = users_n + 1; users[users_n] = u
+        end
+        local f = p .. ':events'
+        su[f] = (su[f] or 0) + 1
+        f = p .. ((label == 1) and ':pos' or ':neg')
+        su[f] = (su[f] or 0) + 1
+        stat_last[u][p] = t
+        if label == 1 then
+          local popk, mk = P .. 'pop:' .. p, P .. 'popmeta:' .. p
+          local a = anchors[p]
           if a == nil then
-            a = t
+            a = tonumber(redis.call('HGET', mk, 'anchor'))
+            if a == nil then
+              a = t
+              redis.call('HSET', mk, 'anchor', string.format('%.3f', t))
+            end
+          end
+          if (t - a) / c.hl > c.rebase then
+            -- rescale every weight to a new anchor so 2^e stays small
+            redis.call('ZUNIONSTORE', popk, 1, popk, 'WEIGHTS', 2 ^ ((a - t) / c.hl))
             redis.call('HSET', mk, 'anchor', string.format('%.3f', t))
+            a = t
           end
-        end
-        if (t - a) / c.hl > c.rebase then
-          -- rescale every weight to a new anchor so 2^e stays small
-          redis.call('ZUNIONSTORE', popk, 1, popk, 'WEIGHTS', 2 ^ ((a - t) / c.hl))
-          redis.call('HSET', mk, 'anchor', string.format('%.3f', t))
-          a = t
-        end
-        anchors[p] = a
-        local e = (t - a) / c.hl
-        if e < -1000 then e = -1000 end
-        redis.call('ZINCRBY', popk, w * 2 ^ e, item)
-        local rp = recent_pos[pk]
-        local nrp = {item}
-        for rank, other in ipairs(rp) do
-          if other ~= item then
-            local cw = w / rank
-            local k1, k2 = P .. 'co:' .. p .. ':' .. other, P .. 'co:' .. p .. ':' .. item
-            redis.call('ZINCRBY', k1, cw, item)
-            redis.call('ZINCRBY', k2, cw, other)
-            trim_co[k1] = true
-            trim_co[k2] = true
-            if #nrp < c.win then nrp[#nrp + 1] = other end
+          anchors[p] = a
+          local e = (t - a) / c.hl
+          if e < -1000 then e = -1000 end
+          redis.call('ZINCRBY', popk, w * 2 ^ e, item)
+          local rp = recent_pos[pk]
+          local nrp = {item}
+          for rank, other in ipairs(rp) do
+            if other ~= item then
+              local cw = w / rank
+              local k1, k2 = P .. 'co:' .. p .. ':' .. other, P .. 'co:' .. p .. ':' .. item
+              redis.call('ZINCRBY', k1, cw, item)
+              redis.call('ZINCRBY', k2, cw, other)
+              trim_co[k1] = true
+              trim_co[k2] = true
+              if #nrp < c.win then nrp[#nrp + 1] = other end
+            end
           end
+          recent_pos[pk] = nrp
+          rpos_dirty[pk] = base .. ':rpos'
         end
-        recent_pos[pk] = nrp
-        rpos_dirty[pk] = base .. ':rpos'
       end
     end
   end
@@ -182,8 +197,10 @@ local sk = P .. 'stats'
 redis.call('HINCRBY', sk, 'events_applied', applied)
 redis.call('HINCRBY', sk, 'duplicates_offset', dup_off)
 redis.call('HINCRBY', sk, 'duplicates_event', dup_ev)
+if nx > 0 then redis.call('HINCRBY', sk, 'erased_skipped', nx) end
+if next(x) == nil then x = nil end
 if c.hist > 0 then
-  return cjson.encode({a = applied, o = dup_off, e = dup_ev, r = recent_pos, i = applied_idx,
-                       h = hist_before, s = seen_before})
+  return cjson.encode({a = applied, o = dup_off, e = dup_ev, x = x, r = recent_pos,
+                       i = applied_idx, h = hist_before, s = seen_before})
 end
-return cjson.encode({a = applied, o = dup_off, e = dup_ev, r = recent_pos})
+return cjson.encode({a = applied, o = dup_off, e = dup_ev, x = x, r = recent_pos})
