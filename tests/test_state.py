@@ -236,3 +236,28 @@ def test_user_state_stays_compact_and_remembers_the_last_event_ids(stack, ns):
         assert max(len(m) for m in r.zrange(f"{ns}:u:{u}:history", 0, -1)) < 64
     finally:
         r.close()
+
+
+def test_an_event_arriving_after_a_later_one_of_its_partition_is_still_applied(stack, ns):
+    """The watermark assumes a source partition's events arrive in offset order. When one
+    arrives after a later one (a produce failed and was repeated upstream), it was never
+    applied: its (user, platform) remembers every event it applied and not this one, so it
+    is applied (``late_applied``); redelivered ones stay skipped. With the pair's window
+    full (more events than XREC_EID_KEEP) the old rule holds: skipped."""
+    s = make_settings(stack, ns, eid_keep=10)
+    st = RedisState(redis_from_url(stack.redis_url), s, "unified")
+
+    async def go():
+        await st.apply([ev("u1", "a", 0), ev("u1", "b", 1), ev("u1", "d", 3)])
+        late = await st.apply([ev("u1", "c", 2)])  # offset 2 after 3: never applied
+        again = await st.apply([ev("u1", "c", 2), ev("u1", "b", 1)])  # redeliveries
+        # u2: 12 events (window of 10 full), then a late one: skipped as before
+        await st.apply([ev("u2", f"i{k}", k, src="t:0") for k in range(12) if k != 5])
+        full = await st.apply([ev("u2", "i5", 5, src="t:0")])
+        return late, again, full, await st.stats()
+
+    late, again, full, stats = run(go())
+    assert (late.applied, late.dup_offset) == (1, 0)
+    assert (again.applied, again.dup_offset) == (0, 2)
+    assert (full.applied, full.dup_offset) == (0, 1)
+    assert stats["late_applied"] == 1 and stats["events_applied"] == 15

@@ -3,8 +3,10 @@
 --   user, platform, item, label, weight, time, fp, produced], ...]}; fp = the event id's
 --   fixed-width fingerprint (streams.state.event_fp), produced = when the platform produced it.
 -- Per event: skip if its source offset <= the (unified partition, source partition)
--- watermark, if its user was erased at or after `produced` (`erased`, lua/forget.lua), or
--- if its fingerprint is among the (user, platform)'s remembered ones; else update state. Reads happen once per key and batch and writes are gathered per key to the
+-- watermark (unless the pair remembers every event it applied and not this one: then it
+-- is applied, late), if its user was erased at or after `produced` (`erased`,
+-- lua/forget.lua), or if its fingerprint is among the (user, platform)'s remembered ones;
+-- else update state. Reads happen once per key and batch and writes are gathered per key to the
 -- end (watermarks, fingerprints, history, seen, stats, users, rpos): a key's end state is
 -- what per-event writes would have left, with fewer Redis commands.
 -- Returns JSON {a: applied, o: offset dups, e: event-id dups, x: {user: true} of the users
@@ -25,6 +27,7 @@ local stat, stat_last = {}, {}   -- user → {field → increment} / {platform �
 local users, users_n = {}, 0     -- users applied in this batch (one SADD)
 local rpos_dirty = {}            -- pair → true when its recent positives changed
 local erased, x, nx = {}, {}, 0  -- user → erasure time (-1: none) / skipped as erased
+local n_late = 0                 -- applied below their watermark (never applied before)
 local any_erased = redis.call('EXISTS', P .. 'erased') == 1
 
 -- is fingerprint f (width L) one of the aligned fields of s?
@@ -66,15 +69,30 @@ for n, ev in ipairs(req.ev) do
   -- produced before its user's erasure: never applied, and (even when a redelivered
   -- duplicate) nothing is recommended from it
   if pat <= ea then x[u] = true end
-  if off <= cur then
+  local have, late = nil, false
+  if off <= cur and pat > ea then
+    -- at or below the watermark: a redelivery, unless the (user, platform) has applied
+    -- fewer events than it remembers (so it remembers every one) and this one is not among
+    -- them: then it was never applied (it arrived after a later event of its source
+    -- partition, e.g. after a failed and repeated produce upstream) and is applied now
+    have = fps[pk]
+    if have == nil then
+      have = redis.call('GET', base .. ':ef') or ''
+      fps[pk] = have
+    end
+    late = #have < c.eids * c.fpw and not has_fp(have, fp, c.fpw)
+  end
+  if off <= cur and not late then
     dup_off = dup_off + 1
   else
-    wm[wk] = off
-    wm_key[wk] = {req.wm .. q, src}
+    if off > cur then
+      wm[wk] = off
+      wm_key[wk] = {req.wm .. q, src}
+    end
     if pat <= ea then
       nx = nx + 1
     else
-      local have = fps[pk]
+      if have == nil then have = fps[pk] end
       if have == nil then have = redis.call('GET', base .. ':ef') or '' end
       if has_fp(have, fp, c.fpw) then
         fps[pk] = have
@@ -83,6 +101,7 @@ for n, ev in ipairs(req.ev) do
         fps[pk] = have .. fp
         fp_dirty[pk] = base .. ':ef'
         applied = applied + 1
+        if late then n_late = n_late + 1 end
         -- event times in whole milliseconds: an integer score is stored compactly
         local tms = math.floor(t * 1000 + 0.5)
         if c.hist > 0 then
@@ -198,6 +217,7 @@ redis.call('HINCRBY', sk, 'events_applied', applied)
 redis.call('HINCRBY', sk, 'duplicates_offset', dup_off)
 redis.call('HINCRBY', sk, 'duplicates_event', dup_ev)
 if nx > 0 then redis.call('HINCRBY', sk, 'erased_skipped', nx) end
+if n_late > 0 then redis.call('HINCRBY', sk, 'late_applied', n_late) end
 if next(x) == nil then x = nil end
 if c.hist > 0 then
   return cjson.encode({a = applied, o = dup_off, e = dup_ev, x = x, r = recent_pos,
