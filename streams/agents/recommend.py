@@ -285,8 +285,9 @@ class Recommender:
                                  if ev.user not in gone]
         for u in gone:
             result.history.pop(u, None)
-        for pair in [p for p in self._recent if p[0] in gone]:
-            del self._recent[pair]
+        for memo in (self._recent, self.cross._last):  # what this worker remembers of them
+            for pair in [p for p in memo if p[0] in gone]:
+                del memo[pair]
         for topic in self.recs_topic.values():
             for u in sorted(gone):
                 await ctx.publish(topic, u.encode(), None)  # type: ignore[arg-type]
