@@ -10,6 +10,7 @@ import json
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import redis as redis_sync
@@ -24,6 +25,16 @@ from tests.test_pipeline import wait_for
 from xrec.stack import start_worker, wait_worker_ready
 
 pytestmark = pytest.mark.integration
+
+
+def _split(path: Path, share: float) -> tuple[Path, Path]:
+    """A JSON-lines file cut into its first ``share`` of records and the rest."""
+    lines = path.read_bytes().splitlines(keepends=True)
+    k = int(len(lines) * share)
+    head, rest = path.with_suffix(".head.jsonl"), path.with_suffix(".rest.jsonl")
+    head.write_bytes(b"".join(lines[:k]))
+    rest.write_bytes(b"".join(lines[k:]))
+    return head, rest
 
 
 def test_two_workers_share_partitions_survive_a_kill_and_a_join(stack, ns, tmp_path):
@@ -59,9 +70,12 @@ def test_two_workers_share_partitions_survive_a_kill_and_a_join(stack, ns, tmp_p
                  timeout=30, what="both workers own partitions")
         total = parts()[w1.pid] + parts()[w2.pid]
 
+        # the first 60% of each platform's records now, the rest once the newcomer has
+        # joined: the join is mid-stream however long the kill and the join take
+        parts_of = {p: _split(d / f, 0.6) for p, f in man["files"]["events"].items()}
         rep = Replayer(stack.bootstrap)
         th = threading.Thread(target=lambda: rep.replay(
-            [Source(d / f, t.events(p), platforms[p]) for p, f in man["files"]["events"].items()],
+            [Source(h, t.events(p), platforms[p]) for p, (h, _) in parts_of.items()],
             rate=150, progress=False), daemon=True)
         th.start()
         wait_for(lambda: applied() >= 0.15 * valid, timeout=60, what="some events applied")
@@ -80,8 +94,10 @@ def test_two_workers_share_partitions_survive_a_kill_and_a_join(stack, ns, tmp_p
                  timeout=30, what="the newcomer owning some partitions")
         joined_at = applied()
         th.join(120)
-        rep.close()
         assert joined_at < valid, "the join was not mid-stream"
+        rep.replay([Source(r, t.events(p), platforms[p]) for p, (_, r) in parts_of.items()],
+                   rate=150, progress=False)
+        rep.close()
         wait_for(lambda: applied() >= valid, timeout=90, what="every event applied")
         time.sleep(2)  # anything redelivered has arrived by now
         assert w2.alive() and w3.alive()
