@@ -26,7 +26,7 @@ from streams.errors import StackError
 __all__ = ["Service", "free_port", "start_tansu", "start_redis", "start_worker", "create_topics",
            "wait_worker_ready", "tansu_binary", "redis_binary", "EMBEDDED_PARTITIONS",
            "embedded_partitions", "RedisClusterProcs", "start_redis_cluster", "RedisTLS",
-           "tls_redis_binary"]
+           "tls_redis_binary", "start_listening"]
 
 log = logging.getLogger("xrec.stack")
 
@@ -160,14 +160,21 @@ def start_tansu(workdir: Path, port: int | None = None, *, advertised_port: int 
     if key is not None:
         argv += ["--key", str(key)]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "STORAGE_ENGINE"))}
-    proc, log_path, fh = _popen("tansu", argv, workdir, env)
-    svc = Service("tansu", proc, f"127.0.0.1:{port}", log_path, fh)
+    return start_listening("tansu", argv, workdir, env, port, "the embedded broker")
+
+
+def start_listening(name: str, argv: list[str], workdir: Path, env: dict[str, str] | None,
+                    port: int, what: str, timeout: float = 20.0) -> Service:
+    """Start ``argv`` as service ``name`` (log ``<name>.log`` in ``workdir``) and wait until
+    it listens on ``port``; if it does not, stop it and raise with its log's tail."""
+    proc, log_path, fh = _popen(name, argv, workdir, env)
+    svc = Service(name, proc, f"127.0.0.1:{port}", log_path, fh)
     try:
-        _wait_port(port, proc, "tansu", 20)
+        _wait_port(port, proc, name, timeout)
     except StackError:
         tail = svc.log_tail()
         svc.stop()
-        raise StackError(f"the embedded broker failed to start:\n{tail}") from None
+        raise StackError(f"{what} failed to start:\n{tail}") from None
     return svc
 
 

@@ -309,24 +309,15 @@ def start_tls_front(workdir: Path, target: int, cert: Path, key: Path,
                     users: dict[str, str] | None = None, port: int | None = None) -> Service:
     """The front as a child process (``tlsfront.log`` in ``workdir``), stopped by PID with
     :meth:`~xrec.stack.Service.stop`; ``url`` is its ``127.0.0.1:port``."""
-    from streams.errors import StackError
-    from xrec.stack import Service, _popen, _wait_port, free_port
+    from xrec.stack import free_port, start_listening
 
     port = port or free_port()
     argv = [sys.executable, "-m", "xrec.tlsfront", "--port", str(port), "--target",
             str(target), "--cert", str(cert), "--key", str(key)]
     if users is not None:
         argv += ["--users-file", str(write_users(workdir / "tlsfront-users.json", users))]
-    proc, log_path, fh = _popen("tlsfront", argv, workdir, {**os.environ,
-                                                            "PYTHONUNBUFFERED": "1"})
-    svc = Service("tlsfront", proc, f"127.0.0.1:{port}", log_path, fh)
-    try:
-        _wait_port(port, proc, "the TLS front", 20)
-    except StackError:
-        tail = svc.log_tail()
-        svc.stop()
-        raise StackError(f"the TLS front failed to start:\n{tail}") from None
-    return svc
+    return start_listening("tlsfront", argv, workdir, {**os.environ, "PYTHONUNBUFFERED": "1"},
+                           port, "the TLS front")
 
 
 def main(argv: list[str] | None = None) -> None:
