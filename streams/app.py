@@ -166,6 +166,8 @@ def create_app(settings: Settings, platforms: PlatformRegistry | None = None,
                   wanted=wanted, worker=worker_id())
     app.xrec_state = state  # type: ignore[attr-defined]
     app.xrec_metrics = metrics.registry  # type: ignore[attr-defined]
+    app.xrec_on_skip = lambda n: metrics.consumer_skipped.inc(n)  # type: ignore[attr-defined]
+    app.xrec_guard_commits = ctx.guard_commits  # type: ignore[attr-defined]
 
     enc_cfg = settings.encoder_config()
     if enc_cfg is not None and wanted & {"catalog", "recommend", "train"}:

@@ -10,6 +10,13 @@ from streams.records import DeadLetter, Interaction
 from tests.conftest import make_settings
 
 
+def _delivered() -> asyncio.Future:
+    """What the Kafka client's send returns: a future, here already delivered."""
+    fut = asyncio.get_running_loop().create_future()
+    fut.set_result(None)
+    return fut
+
+
 def test_normalize_agent_routes_good_and_bad(stack, ns):
     s = make_settings(stack, ns)
     app = create_app(s, agents="normalize")
@@ -18,6 +25,7 @@ def test_normalize_agent_routes_good_and_bad(stack, ns):
 
     async def capture(topic, key, value, partition, timestamp, headers, **kw):
         sent.append((topic, key, value))
+        return _delivered()
 
     app.producer.send = capture
     agent = app.agents["xrec.normalize"]
@@ -48,6 +56,7 @@ def test_recommend_agent_applies_and_publishes(stack, ns):
 
     async def capture(topic, key, value, partition, timestamp, headers, **kw):
         sent.append((topic, key, value))
+        return _delivered()
 
     app.producer.send = capture
     agent = app.agents["xrec.recommend"]
@@ -113,3 +122,130 @@ def test_adaptive_batches_take_everything_waiting_and_serve_a_lone_event_at_once
     assert sum(sizes[3:]) == 120 and max(sizes) <= 50
     flat = [v for _, b in batches for v in b]
     assert flat[1:21] == [f"w{i}".encode() for i in range(20)]  # order kept
+
+
+def test_a_record_faust_skips_in_a_rebalance_is_not_committed(stack, ns, monkeypatch):
+    """During a rebalance Faust's stream skips a record it was already handed (flow
+    stopped, or fetched in the previous consumer generation). Its pure-Python iterator (used
+    where faust's C extension is not built) then acks it although no agent processed it,
+    so the next commit would move the group past it: lost. The ack guard
+    (streams.agents.batching.guard_acks) lets only processed records count."""
+    import faust.streams
+    from faust.types.tuples import ConsumerMessage
+
+    from streams.agents.batching import consume_batches
+    from streams.app import base_app
+
+    monkeypatch.setattr(faust.streams, "_CStreamIterator", None)  # the pure-Python path
+    app = base_app(make_settings(stack, ns), f"{ns}-skip")
+    name = f"{ns}.in"
+    topic = app.topic(name, value_type=bytes, value_serializer="raw")
+    seen: list[bytes] = []
+
+    async def handle(events):
+        seen.extend(e.value for e in events)
+
+    @app.agent(topic)
+    async def agent(stream):
+        await consume_batches(stream, 50, 0.0, handle)
+
+    async def go():
+        async with agent.test_context() as a:
+            app.topics.acking_topics.add(name)  # as the conductor does for a subscribed topic
+            channel, consumer = a.stream().channel, app.consumer
+            gen = app.consumer_generation_id
+            msgs = []
+            for offset, generation in ((0, gen), (1, gen - 1), (2, gen)):  # 1: stale
+                m = ConsumerMessage(name, 0, offset, time.time(), 0, None, None,
+                                    f"v{offset}".encode(), b"", generation_id=generation)
+                msgs.append(m)
+                await channel.put(await channel.decode(m))
+                await asyncio.sleep(0.1)
+            return msgs, consumer._new_offset(msgs[0].tp), consumer._xrec_refused
+
+    msgs, commit_at, refused = asyncio.run(go())
+    assert seen == [b"v0", b"v2"]  # Faust skipped the stale record
+    assert msgs[1].acked and refused == 1  # its ack was let go...
+    assert commit_at == 1  # ...without its offset: the commit stops before it, so it is read again
+
+
+def test_offset_trail_reports_records_the_consumer_skipped():
+    """A hole within an assignment, or a first record after a rebalance beyond the committed
+    offset, is counted; records read again are not."""
+    from types import SimpleNamespace
+
+    from faust.types import TP
+
+    from streams.agents.batching import OffsetTrail
+
+    consumer = SimpleNamespace(_committed_offset={})
+    trail = OffsetTrail(consumer)
+    counted: list[int] = []
+    trail.on_skip = counted.append
+    a, b = TP("t", 0), TP("t", 1)
+
+    def see(tp, *offsets):
+        for o in offsets:
+            trail.see(SimpleNamespace(tp=tp, offset=o))
+
+    see(a, 0, 1, 2)  # nothing committed yet: the first record is not checked
+    see(b, 7, 8)
+    assert trail.skipped == 0
+    see(a, 5)  # 3 and 4 were never taken
+    assert trail.skipped == 2 and counted == [2]
+    see(a, 4, 5, 6)  # read again (a rebalance, a crash): expected, not counted
+    assert trail.skipped == 2
+    trail.reset()  # a rebalance: the group committed a@6, b@9
+    consumer._committed_offset.update({a: 6, b: 9})
+    see(a, 6, 7)
+    see(b, 11)  # 9 and 10 skipped at the seek
+    assert trail.skipped == 4 and counted == [2, 2]
+
+
+def test_a_failed_delivery_stops_the_commits(stack, ns):
+    """Faust flushes the producer before committing, but a flush also completes failed
+    deliveries: a record the broker did not take must stop the commits (and the worker),
+    or the input it came from would be committed past and lost."""
+    from aiokafka.errors import KafkaTimeoutError
+
+    s = make_settings(stack, ns)
+    app = create_app(s, agents="normalize")
+    app.finalize()
+    ctx = app.xrec_guard_commits.__self__
+    outcomes: list[BaseException | None] = []
+
+    async def send(topic, key, value, partition, timestamp, headers, **kw):
+        fut = asyncio.get_running_loop().create_future()
+        exc = outcomes.pop(0)
+        fut.set_exception(exc) if exc else fut.set_result(None)
+        return fut
+
+    app.producer.send = send
+    committed: list[dict] = []
+    crashed: list[BaseException] = []
+
+    async def commit(offsets):
+        committed.append(offsets)
+        return True
+
+    async def crash(exc):
+        crashed.append(exc)
+
+    app.crash = crash
+
+    async def go():
+        consumer = type("C", (), {"_commit": staticmethod(commit)})()
+        ctx.guard_commits(consumer)
+        outcomes.append(None)
+        await ctx.publish("t", None, b"ok")
+        first = await consumer._commit({"tp": 1})
+        outcomes.append(KafkaTimeoutError())
+        await ctx.publish("t", None, b"lost?")
+        second = await consumer._commit({"tp": 2})
+        return first, second
+
+    first, second = asyncio.run(go())
+    assert first is True and second is False
+    assert committed == [{"tp": 1}]  # nothing committed after the failure
+    assert ctx.delivery_failures == 1 and len(crashed) == 1
+    assert ctx.metrics.delivery_errors.values[()] == 1

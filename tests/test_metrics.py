@@ -91,6 +91,7 @@ ADDED = {
     "xrec_quality_window_events": {"platform", "cohort"},
     "xrec_drift_value": {"platform", "signal"}, "xrec_head_version_published": set(),
     "xrec_train_loss": set(), "xrec_erasures_total": set(),
+    "xrec_consumer_skipped_records_total": set(), "xrec_delivery_errors_total": set(),
     **{f"xrec_head_{h}_seconds_{s}": ({"le"} if s == "bucket" else set())
        for h in ("used_after", "event_to_use", "event_to_publish")
        for s in ("bucket", "count", "sum")},

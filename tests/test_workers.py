@@ -15,16 +15,49 @@ from pathlib import Path
 import pytest
 import redis as redis_sync
 
+from kafka import KafkaConsumer, TopicPartition
+
 from bench.chaos import compare, dump_users, popularity, popularity_equal, reference_run
 from producers.replay import Replayer, Source
 from producers.simulate import SimConfig, simulate
 from streams.platforms import load_platforms
+from streams.state import FP_WIDTH, event_fp
 from streams.topics import Topics
 from tests.conftest import create_all_topics, make_settings, settings_env
 from tests.test_pipeline import wait_for
 from xrec.stack import start_worker, wait_worker_ready
 
 pytestmark = pytest.mark.integration
+
+
+def _fps(d: dict) -> set[tuple[str, str]]:
+    return {(k, v[i:i + FP_WIDTH]) for k, v in d.items() if k.endswith(":ef") and v
+            for i in range(0, len(v), FP_WIDTH)}
+
+
+def _where_lost(bootstrap: str, unified: str, a: dict, b: dict) -> list[dict]:
+    """For each event the reference applied and the workers did not: where it was on the
+    unified topic (partition, offset, copies) and where it came from."""
+    lost = _fps(b) - _fps(a)
+    c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    out: list[dict] = []
+    try:
+        tps = [TopicPartition(unified, q) for q in sorted(c.partitions_for_topic(unified) or ())]
+        c.assign(tps)
+        c.seek_to_beginning(*tps)
+        end = c.end_offsets(tps)
+        while any(c.position(tp) < end[tp] for tp in tps):
+            for recs in c.poll(timeout_ms=500).values():
+                for rec in recs:
+                    i = json.loads(rec.value)
+                    key = (f"u:{i['user']}:{i['platform']}:ef", event_fp(i["event_id"]))
+                    if key in lost:
+                        out.append({"unified": [rec.partition, rec.offset],
+                                    "src": [i["src_topic"], i["src_partition"], i["src_offset"]],
+                                    "user": i["user"][:12], "event_id": i["event_id"]})
+    finally:
+        c.close()
+    return out
 
 
 def _split(path: Path, share: float) -> tuple[Path, Path]:
@@ -119,6 +152,12 @@ def test_two_workers_share_partitions_survive_a_kill_and_a_join(stack, ns, tmp_p
     cmp = compare(a, b)
     st = {k: int(v) for k, v in r.hgetall(f"{ns}:stats").items()}
     double = max(0, st["events_applied"] - cmp["applied_ids"]) + cmp["over"]
+    if cmp["lost"]:
+        cmp["where"] = _where_lost(stack.bootstrap, t.unified, a, b)
+        cmp["logs"] = [str(w.log_path) for w in started]
+        cmp["skips"] = [line for w in started for line in
+                        w.log_path.read_text(errors="replace").splitlines()
+                        if "consumer skipped" in line or "was skipped by the consumer" in line]
     assert cmp["lost"] == 0 and cmp["extra"] == 0 and double == 0, cmp
     assert a["users"] and cmp["diff_keys"] == []
     assert popularity_equal(popularity(r, f"{ns}:", list(platforms)),

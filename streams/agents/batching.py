@@ -20,16 +20,119 @@ processed without an error, so Faust never commits an offset past an event that 
 applied (a crash redelivers it and the state watermarks skip what was applied); a
 graceful stop finishes the batch in progress first. At most ``max_`` events wait in the
 buffer besides the batch being processed; beyond that the stream waits (backpressure).
+
+Faust's own acks are refused (:func:`guard_acks`). During a rebalance Faust's stream
+*skips* a record it was already handed (flow stopped, or fetched in the previous consumer
+generation). Its pure-Python iterator (used where faust's C extension is not built) then
+acks the record although no agent processed it; once the records before it are acked too,
+the next commit moves the group's offset past it and the record is lost. Every agent here
+acks through :func:`consume_batches`; an ack from anywhere else only stops Faust waiting
+for the record, which is read again from the committed offset (tests/test_agents.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-__all__ = ["adaptive_batches", "consume_batches"]
+from faust.types.tuples import ack_lock
+
+__all__ = ["adaptive_batches", "consume_batches", "guard_acks", "OffsetTrail"]
+
+log = logging.getLogger("xrec.worker")
+
+
+def guard_acks(consumer: Any) -> None:
+    """Make ``consumer`` (Faust's transport consumer) count only the acks that
+    :func:`consume_batches` gives: those of records an agent processed. Any other ack (a
+    record Faust skipped in a rebalance: module docstring) marks the record done without
+    letting its offset be committed. Idempotent."""
+    if getattr(consumer, "_xrec_acking", None) is not None:
+        return
+    original = consumer.ack
+    consumer._xrec_acking = False  # set by _ack around Faust's own Stream.ack
+    consumer._xrec_refused = 0
+
+    def ack(message: Any) -> bool:
+        if consumer._xrec_acking:
+            return bool(original(message))
+        with ack_lock:
+            if message.acked:
+                return False
+            message.acked = True
+            consumer._unacked_messages.discard(message)
+        consumer._xrec_refused += 1
+        log.info("rebalance: %s[%s]@%s was skipped by the consumer, not processed; its offset "
+                 "is not committed (it is read again)", message.topic, message.partition,
+                 message.offset)
+        return False
+
+    consumer.ack = ack
+
+
+class OffsetTrail:
+    """Checks that an agent takes each partition's records without a hole: within one
+    assignment, each record follows the one before it, and the first record after a
+    rebalance is the one at the group's committed offset. A hole means the consumer skipped
+    records (their offsets may then be committed past them): it is logged as an error and
+    counted (``skipped`` records; ``xrec_consumer_skipped_records_total``). Records read again
+    (offsets at or below one already taken) are expected after a rebalance or a crash; the
+    state watermarks skip them."""
+
+    def __init__(self, consumer: Any) -> None:
+        self.consumer = consumer
+        self.next: dict[Any, int] = {}  # tp → the offset expected next
+        self.skipped = 0
+        self.on_skip: Callable[[int], None] | None = None
+
+    def reset(self) -> None:
+        """A rebalance: the next record of each partition is compared with its committed
+        offset (known once Faust has seeked to it, before records flow again)."""
+        self.next.clear()
+
+    def see(self, message: Any) -> None:
+        tp, offset = message.tp, message.offset
+        want = self.next.get(tp)
+        if want is None:
+            want = self.consumer._committed_offset.get(tp)
+        if want is not None and offset > want:
+            n = offset - want
+            self.skipped += n
+            log.error("consumer skipped %d record(s) of %s[%s]: offsets %d..%d (took %d next)",
+                      n, tp.topic, tp.partition, want, offset - 1, offset)
+            if self.on_skip is not None:
+                self.on_skip(n)
+        self.next[tp] = offset + 1
+
+
+def offset_trail(app: Any) -> OffsetTrail:
+    """The worker's trail (one per consumer), reset at each rebalance."""
+    consumer = app.consumer
+    trail = getattr(consumer, "_xrec_trail", None)
+    if trail is None:
+        trail = consumer._xrec_trail = OffsetTrail(consumer)
+        trail.on_skip = getattr(app, "xrec_on_skip", None)  # the worker's counter
+
+        @app.on_partitions_revoked.connect
+        async def _revoked(sender: Any, revoked: Any, **_kw: Any) -> None:
+            trail.reset()
+
+    return trail
+
+
+async def _ack_all(stream: Any, events: list[Any]) -> None:
+    """Ack processed events: ``Stream.ack`` each, let through the guard (Stream.ack does
+    not await, so nothing else runs on the loop while the flag is up)."""
+    consumer = stream.app.consumer
+    consumer._xrec_acking = True
+    try:
+        for event in events:
+            await stream.ack(event)
+    finally:
+        consumer._xrec_acking = False
 
 
 async def adaptive_batches(stream: Any, max_: int, interval: float = 0.0
@@ -40,6 +143,7 @@ async def adaptive_batches(stream: Any, max_: int, interval: float = 0.0
     full = asyncio.Event()  # the buffer holds max_
     room = asyncio.Event()  # the buffer is below max_
     room.set()
+    see = offset_trail(stream.app).see
 
     async def add(value: Any) -> Any:
         # runs in the stream's background drain, once per event, in offset order
@@ -51,6 +155,7 @@ async def adaptive_batches(stream: Any, max_: int, interval: float = 0.0
         event = stream.current_event
         if event is None:  # pragma: no cover - Faust sets it before processors run
             raise RuntimeError("adaptive_batches found no current event")
+        see(event.message)
         buffer.append(event)
         ready.set()
         if len(buffer) >= max_:
@@ -108,6 +213,10 @@ async def consume_batches(stream: Any, max_: int, interval: float,
     nothing (Faust's ``take_events`` acks a cancelled batch whether or not it was done).
     A batch whose handler raised is not acked: it is redelivered, and the state
     watermarks skip what it had applied."""
+    guard_acks(stream.app.consumer)
+    guard_commits = getattr(stream.app, "xrec_guard_commits", None)
+    if guard_commits is not None:  # the worker's (streams.agents.context.Context)
+        guard_commits(stream.app.consumer)
     async for batch in adaptive_batches(stream, max_, interval):
         task = asyncio.ensure_future(handle(batch))
         try:
@@ -116,8 +225,6 @@ async def consume_batches(stream: Any, max_: int, interval: float,
             with contextlib.suppress(Exception):
                 await task  # a graceful stop: finish this batch (XREC_SHUTDOWN_TIMEOUT_S)
             if task.done() and not task.cancelled() and task.exception() is None:
-                for event in batch:
-                    await stream.ack(event)
+                await _ack_all(stream, batch)
             raise
-        for event in batch:
-            await stream.ack(event)
+        await _ack_all(stream, batch)

@@ -14,6 +14,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from streams.agents.batching import consume_batches
 from streams.agents.context import Context
 from streams.catalog import parse_catalog_record
 from streams.records import CatalogItem, DeadLetter
@@ -71,24 +72,28 @@ def install(ctx: Context) -> None:
         pipe.hincrby(state.k("stats"), "catalog_notext", notext)
         await pipe.execute()
 
+    async def batch(events: list[Any]) -> None:
+        wd.begin("catalog")
+        latest: dict[tuple[str, str], CatalogItem] = {}
+        for ev in events:
+            m = ev.message
+            p = ctx.platforms[by_topic[m.topic]]
+            out = parse_catalog_record(ev.value, p, s, topic=m.topic,
+                                       partition=m.partition, offset=m.offset)
+            if isinstance(out, DeadLetter):
+                await ctx.dead(out)
+            else:
+                latest[(out.platform, out.item)] = out
+        if latest:
+            items = list(latest.values())
+            await state._retry("catalog", lambda items=items: store(items))
+        wd.done("catalog")
+
     @app.agent(source, name="xrec.catalog")
     async def catalog(stream: Any) -> None:
-        async for events in stream.take_events(256, 0.2):
-            wd.begin("catalog")
-            latest: dict[tuple[str, str], CatalogItem] = {}
-            for ev in events:
-                m = ev.message
-                p = ctx.platforms[by_topic[m.topic]]
-                out = parse_catalog_record(ev.value, p, s, topic=m.topic,
-                                           partition=m.partition, offset=m.offset)
-                if isinstance(out, DeadLetter):
-                    await ctx.dead(out)
-                else:
-                    latest[(out.platform, out.item)] = out
-            if latest:
-                items = list(latest.values())
-                await state._retry("catalog", lambda items=items: store(items))
-            wd.done("catalog")
+        # acked after storing, like every agent (streams/agents/batching.py); batches of at
+        # most 256 records, started at most every 0.2 s while busy
+        await consume_batches(stream, 256, 0.2, batch)
 
 
 def install_index_refresh(ctx: Context) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +27,8 @@ from streams.settings import Settings
 from streams.state import RedisState
 from streams.topics import Topics
 from streams.watchdog import Watchdog
+
+log = logging.getLogger("xrec.worker")
 
 __all__ = ["Context", "WorkerMetrics", "STAGE_BUCKETS", "RECOMMEND_STAGES"]
 
@@ -79,6 +83,13 @@ class WorkerMetrics:
                                              "XREC_TRAIN_LEARN_MAX (the trainer was behind)"))
         self.head_version = reg.add(Gauge("xrec_head_version",
                                           "head version the recommender serves"))
+        self.consumer_skipped = reg.add(Counter(
+            "xrec_consumer_skipped_records_total", "records the Kafka consumer skipped: an "
+            "offset hole within an assignment, or a first record after a rebalance beyond "
+            "the committed offset (should stay 0; logged as an error)"))
+        self.delivery_errors = reg.add(Counter(
+            "xrec_delivery_errors_total", "produced records (or record batches) the broker "
+            "did not take; the worker then stops committing and exits (should stay 0)"))
         self.redis_errors = reg.add(Counter("xrec_redis_errors_total",
                                             "Redis errors (retried with backoff)"))
         self.drift_signals = reg.add(Counter("xrec_drift_signals_total",
@@ -151,10 +162,50 @@ class Context:
     def use_model(self) -> bool:
         return self.settings.model_enabled and self.vectors is not None
 
+    #: records (or closed record batches) whose delivery failed; once non-zero the worker
+    #: commits no more offsets and stops (:meth:`guard_commits`)
+    delivery_failures: int = 0
+
+    def _delivered(self, fut: Any) -> None:
+        """Done-callback of every produce: a failed delivery is an error, never silent."""
+        if fut.cancelled():
+            exc: BaseException | None = RuntimeError("cancelled")
+        else:
+            exc = fut.exception()
+        if exc is None:
+            return
+        self.delivery_failures += 1
+        self.metrics.delivery_errors.inc()
+        log.error("a produced record was not delivered (%r): this worker commits no more "
+                  "offsets and stops, so its input is read again", exc)
+
+    def guard_commits(self, consumer: Any) -> None:
+        """Commit offsets only while every record produced so far was delivered. Faust
+        flushes the producer before committing (at-least-once), but a flush completes
+        failed deliveries too: without this a record that failed would be committed past
+        and lost. After a failure the worker crashes (its supervisor restarts it) and
+        its input is read again from the last good commit."""
+        if getattr(consumer, "_xrec_commit", None) is not None:
+            return
+        original = consumer._xrec_commit = consumer._commit
+
+        async def commit(offsets: Any) -> bool:
+            await asyncio.sleep(0)  # let the flushed deliveries' callbacks run
+            if self.delivery_failures:
+                log.error("not committing %d offset(s): %d record(s) were not delivered",
+                          len(offsets), self.delivery_failures)
+                await self.app.crash(RuntimeError("a produced record was not delivered"))
+                return False
+            return bool(await original(offsets))
+
+        consumer._commit = commit
+
     async def publish(self, topic: str, key: bytes | None, value: bytes) -> None:
         """Straight to the transport producer: Faust flushes it before every offset commit
-        (at-least-once holds), and it skips ~4 layers of per-message Python in Topic.send."""
-        await self.app.producer.send(topic, key, value, None, None, None)
+        (at-least-once holds: :meth:`guard_commits`), and it skips ~4 layers of per-message
+        Python in Topic.send."""
+        fut = await self.app.producer.send(topic, key, value, None, None, None)
+        fut.add_done_callback(self._delivered)
         self.metrics.records_out.inc(1, topic)
 
     async def publish_many(self, topic: str, records: Sequence[tuple[bytes | None, bytes]]
@@ -194,7 +245,8 @@ class Context:
                 if batch.append(key=key, value=value, timestamp=None) is None:  # full
                     if batch.record_count():
                         batch.close()
-                        await prod.send_batch(batch, topic, partition=part)
+                        fut = await prod.send_batch(batch, topic, partition=part)
+                        fut.add_done_callback(self._delivered)
                         batch = prod.create_batch()
                     if batch.append(key=key, value=value, timestamp=None) is None:
                         await self.publish(topic, key, value)  # larger than a batch
@@ -202,7 +254,8 @@ class Context:
                 batched += 1
             if batch.record_count():
                 batch.close()  # complete: sent without lingering
-                await prod.send_batch(batch, topic, partition=part)
+                fut = await prod.send_batch(batch, topic, partition=part)
+                fut.add_done_callback(self._delivered)
         self.metrics.records_out.inc(batched, topic)
 
     async def dead(self, d: DeadLetter) -> None:
