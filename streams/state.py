@@ -200,9 +200,14 @@ class AggRow:
 
     __slots__ = ("items", "vals", "t", "before", "cols", "cvals", "cols_n", "lookup")
 
-    def __init__(self, lst: Sequence[tuple[str, float]], before: int) -> None:
-        self.items = [str(i) for i, _ in lst]
-        self.vals = np.fromiter((v for _, v in lst), np.float64, len(lst))
+    def __init__(self, lst: Sequence[Any], before: int) -> None:
+        # (member, score) pairs (RESP3, or built here), or RESP2's flat [member, score, ...]
+        if lst and not isinstance(lst[0], (list, tuple)):
+            self.items = list(lst[0::2])
+            self.vals = np.array(lst[1::2], np.float64)
+        else:
+            self.items = [x[0] for x in lst]
+            self.vals = np.fromiter((x[1] for x in lst), np.float64, len(lst))
         self.t = time.monotonic()
         self.before = before
         #: the serving side's catalog columns of ``items`` (and their values), computed
@@ -527,10 +532,14 @@ class RedisState:
         return stale_p, stale_c
 
     def _agg_reads(self, pipe: Any, pops: list[str], cos: list[tuple[str, str]]) -> None:
+        # the raw reply (no ``withscores``: redis-py then leaves it as the server sent it,
+        # pairs or a flat list, and AggRow reads either): its conversion into tuples of
+        # floats was 6% of a micro-batch (py-spy, bench/hotpath.py)
         for p in pops:
-            pipe.zrevrange(self.k("pop", p), 0, POP_ROW_MAX - 1, withscores=True)
+            pipe.execute_command("ZREVRANGE", self.k("pop", p), 0, POP_ROW_MAX - 1, "WITHSCORES")
+        n = self.s.cooc_read - 1
         for p, i in cos:
-            pipe.zrevrange(self.k("co", p, i), 0, self.s.cooc_read - 1, withscores=True)
+            pipe.execute_command("ZREVRANGE", self.k("co", p, i), 0, n, "WITHSCORES")
 
     def _agg_store(self, pops: list[str], cos: list[tuple[str, str]], res: Sequence[Any],
                    before: int) -> None:
