@@ -90,7 +90,7 @@ def bare_rate(bootstrap: str, files: list[Path], n: int, wd: Path) -> float:
         for raw in read_records(f):
             if sent >= n:
                 break
-            rep.producer.send("bench.in", value=raw)
+            rep.send("bench.in", raw)
             sent += 1
     rep.close()
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "BARE_IN": "bench.in",

@@ -22,7 +22,7 @@ from streams.errors import StackError
 from streams.platforms import Platform, parse_time
 from streams.settings import Settings
 
-__all__ = ["Source", "Replayer", "Progress"]
+__all__ = ["Source", "Replayer", "Progress", "DeliveryError"]
 
 
 @dataclass
@@ -65,7 +65,15 @@ class Progress:
 REPLAY_LINGER_MS: int = Settings.model_fields["producer_linger_ms"].default
 
 
+class DeliveryError(StackError):
+    """Records the broker did not take (after the client's own retries)."""
+
+
 class Replayer:
+    """Sends records with kafka-python; every send's delivery is checked. A record the
+    broker did not take is never dropped silently: :meth:`replay` (and :meth:`close`)
+    raise :class:`DeliveryError` saying how many and why, after flushing the rest."""
+
     def __init__(self, bootstrap: str, linger_ms: int = REPLAY_LINGER_MS,
                  security: dict[str, Any] | None = None) -> None:
         """``security``: TLS / SASL keyword arguments (:func:`streams.security.kafka_kwargs`)."""
@@ -79,10 +87,33 @@ class Replayer:
         except Exception as exc:  # noqa: BLE001
             raise StackError(f"cannot connect to the broker at {bootstrap}: {exc}") from None
         self.sent = 0
+        self.failed = 0  # records whose delivery failed, over the Replayer's life
+        self._errors: list[str] = []  # the first few reasons
+        self._checked = 0  # failures already raised
+
+    def _failed(self, exc: BaseException) -> None:
+        self.failed += 1
+        if len(self._errors) < 3:
+            self._errors.append(repr(exc))
+
+    def send(self, topic: str, value: bytes, key: bytes | None = None) -> None:
+        """Send one record; its delivery is checked at the next flush."""
+        self.producer.send(topic, value=value, key=key).add_errback(self._failed)
+
+    def flush(self) -> None:
+        """Wait for every record sent so far; raise :class:`DeliveryError` if any new
+        failure happened."""
+        self.producer.flush()
+        if self.failed > self._checked:
+            n, self._checked = self.failed - self._checked, self.failed
+            raise DeliveryError(f"{n} record(s) were not delivered to the broker (first: "
+                                f"{'; '.join(self._errors)})")
 
     def close(self) -> None:
-        self.producer.flush()
-        self.producer.close()
+        try:
+            self.flush()
+        finally:
+            self.producer.close()
 
     def replay(self, sources: Sequence[Source], rate: float | None = None,
                speed: float | None = None, progress: bool | None = None,
@@ -113,15 +144,15 @@ class Replayer:
                 delay = due - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
-                self.producer.send(src.topic, value=raw, key=_key(raw, src.platform))
+                self.send(src.topic, raw, _key(raw, src.platform))
                 n += 1
                 bar.update()
                 if on_send is not None:
                     on_send(n)
-            self.producer.flush()
         finally:
             bar.close()
-        self.sent += n
+            self.sent += n
+        self.flush()  # raises if a record was not delivered
         return n
 
 

@@ -70,3 +70,36 @@ def test_simulator_is_deterministic_and_its_ground_truth_holds(tmp_path):
     texts = [json.loads(x) for x in (tmp_path / "one" / "video.catalog.jsonl").read_text()
              .splitlines()]
     assert any("space" in t["genres"] or "science fiction" in t["genres"] for t in texts)
+
+
+def test_replay_raises_when_a_record_is_not_delivered(stack, tmp_path):
+    """kafka-python reports a failed delivery only through the send's future: the Replayer
+    checks every one and raises (after the rest was sent) instead of dropping records."""
+    from kafka.errors import KafkaTimeoutError
+    from kafka.future import Future
+
+    from producers.replay import DeliveryError, Replayer, Source
+
+    f = tmp_path / "ev.jsonl"
+    f.write_text("".join(json.dumps({"n": i}) + "\n" for i in range(10)))
+    rep = Replayer(stack.bootstrap)
+    real = rep.producer.send
+    sent: list[bytes] = []
+    failing = [True]
+
+    def send(topic, value=None, key=None):  # noqa: ANN001, ANN202
+        if failing[0] and json.loads(value)["n"] == 4:  # the broker does not take this one
+            fut = Future()
+            fut.failure(KafkaTimeoutError("Batch expired"))
+            return fut
+        sent.append(value)
+        return real(topic, value=value, key=key)
+
+    rep.producer.send = send
+    with pytest.raises(DeliveryError, match=r"1 record\(s\) were not delivered.*Batch expired"):
+        rep.replay([Source(f, "t-replay")])
+    assert len(sent) == 9 and rep.failed == 1 and rep.sent == 10
+    failing[0] = False
+    assert rep.replay([Source(f, "t-replay")]) == 10  # a failure is reported once
+    rep.producer.send = real
+    rep.close()
