@@ -111,9 +111,16 @@ def test_two_workers_share_partitions_survive_a_kill_and_a_join(stack, ns, tmp_p
         # joined: the join is mid-stream however long the kill and the join take
         parts_of = {p: _split(d / f, 0.6) for p, f in man["files"]["events"].items()}
         rep = Replayer(stack.bootstrap)
-        th = threading.Thread(target=lambda: rep.replay(
-            [Source(h, t.events(p), platforms[p]) for p, (h, _) in parts_of.items()],
-            rate=150, progress=False), daemon=True)
+        failed: list[BaseException] = []
+
+        def replay_head() -> None:
+            try:
+                rep.replay([Source(h, t.events(p), platforms[p])
+                            for p, (h, _) in parts_of.items()], rate=150, progress=False)
+            except BaseException as exc:  # noqa: BLE001 - e.g. DeliveryError: fail the test
+                failed.append(exc)
+
+        th = threading.Thread(target=replay_head, daemon=True)
         th.start()
         wait_for(lambda: applied() >= 0.15 * valid, timeout=60, what="some events applied")
         w1.proc.send_signal(signal.SIGKILL)
@@ -131,6 +138,7 @@ def test_two_workers_share_partitions_survive_a_kill_and_a_join(stack, ns, tmp_p
                  timeout=30, what="the newcomer owning some partitions")
         joined_at = applied()
         th.join(120)
+        assert not failed, f"the replay failed: {failed[0]!r}"
         assert joined_at < valid, "the join was not mid-stream"
         rep.replay([Source(r, t.events(p), platforms[p]) for p, (_, r) in parts_of.items()],
                    rate=150, progress=False)
