@@ -31,6 +31,7 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from streams.agents import api, catalog, normalize, ops, recommend, train
 from streams.agents.context import Context, WorkerMetrics
+from streams.fastdrain import patch_consumer_wait_first
 from streams.metrics import Counter
 from streams.platforms import PlatformRegistry, load_platforms
 from streams.settings import Settings
@@ -101,6 +102,8 @@ def base_app(settings: Settings, app_id: str) -> faust.App:
     if not settings.kafka_bootstrap_servers:
         raise ConfigError("KAFKA_BOOTSTRAP_SERVERS is not set (or run `xrec dev`)")
     _patch_fetch_wait()
+    if settings.fast_drain:
+        patch_consumer_wait_first()
     faust_dir = Path(tempfile.gettempdir()) / "xrec-faust"
     faust_dir.mkdir(parents=True, exist_ok=True)
     brokers = ";".join(f"kafka://{b.strip()}" for b in settings.kafka_bootstrap_servers.split(","))

@@ -122,6 +122,9 @@ class Settings(BaseSettings):
     cross_refresh_s: float = Field(10.0, ge=0, description="a user's recommendations on "
                                    "their other platforms (not the event's) are refreshed at "
                                    "most this often; 0 = on every event")
+    fast_drain: bool = Field(True, description="deliver each fetched record to the streams "
+                             "directly while that does not block, instead of through mode's "
+                             "wait_first (four tasks per record): streams/fastdrain.py")
     fetch_max_wait_ms: int = Field(50, ge=1, le=5000, description="consumer fetch wait "
                                    "(each fetch costs the embedded broker in proportion to "
                                    "the record batches it holds: see README, Measured)")
