@@ -12,7 +12,10 @@ On a fresh embedded stack (Tansu + Redis), in one run:
 
 ``--json``: the last stdout line is one JSON object with the keys bare_events_per_s,
 xrec_events_per_s, ratio, latency_ms_p50, latency_ms_p99 (plus details, among them
-cpu_us_per_event: CPU microseconds per applied event of each process during (b)).
+cpu_us_per_event: CPU microseconds per applied event of each process during (b)). The bare
+agent runs with xrec's fast record delivery (``XREC_FAST_DRAIN``, streams/fastdrain.py) as
+the workers do; ``bare_stock_events_per_s`` / ``ratio_vs_stock``: the same agent with
+Faust's delivery as shipped, measured in the same run.
 
 ``--explain-ab N``: after (b), N more pairs of (b) runs, explanations off
 (``XREC_EXPLAIN_TOP=0``) then on (the default), alternating on fresh stacks; adds
@@ -79,7 +82,9 @@ def cpu_ticks(pid: int) -> int:
         return 0
 
 
-def bare_rate(bootstrap: str, files: list[Path], n: int, wd: Path) -> float:
+def bare_rate(bootstrap: str, files: list[Path], n: int, wd: Path, stock: bool = False
+              ) -> float:
+    """``stock``: without xrec's fast record delivery (XREC_FAST_DRAIN=0), as Faust ships."""
     from kafka import KafkaConsumer, TopicPartition
 
     # as many partitions as xrec's high-volume topics get on this broker: the same broker cost
@@ -95,6 +100,8 @@ def bare_rate(bootstrap: str, files: list[Path], n: int, wd: Path) -> float:
     rep.close()
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "BARE_IN": "bench.in",
            "BARE_OUT": "bench.out", "PYTHONUNBUFFERED": "1"}
+    if stock:
+        env["XREC_FAST_DRAIN"] = "0"
     proc, _, fh = _popen("bare", [sys.executable, str(ROOT / "bench" / "bare_app.py"),
                                   "worker"], wd, env)
     c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
@@ -280,6 +287,12 @@ def main() -> None:
     finally:
         st.stop()
     log(f"    bare: {bare:,.0f} events/s")
+    st = Stack(wd / "a-stock")
+    try:
+        bare_stock = bare_rate(st.tansu.url, files, a.events, wd / "a-stock", stock=True)
+    finally:
+        st.stop()
+    log(f"    bare, stock Faust delivery (XREC_FAST_DRAIN=0): {bare_stock:,.0f} events/s")
 
     log(f"(b) xrec loop over {a.events:,} events ...")
     xrec, cpu_us = loop_rate(wd / "b", man)
@@ -331,7 +344,11 @@ def main() -> None:
            "ratio": round(xrec / bare, 3), "latency_ms_p50": round(p50, 1),
            "latency_ms_p99": round(p99, 1), "offered_rate": a.rate, "events": a.events,
            "latency_events": a.latency_events, "linger_ms": a.linger_ms,
-           "cpus": os.cpu_count(), "cpu_us_per_event": cpu_us}
+           "cpus": os.cpu_count(), "cpu_us_per_event": cpu_us,
+           # the bare agent above runs xrec's fast record delivery too (the ratio compares
+           # like with like); this one is Faust as shipped
+           "bare_stock_events_per_s": round(bare_stock, 1),
+           "ratio_vs_stock": round(xrec / bare_stock, 3)}
     if explain is not None:
         out["explain"] = explain
     print(f"bare {bare:,.0f} ev/s | xrec {xrec:,.0f} ev/s | ratio {out['ratio']:.2f} | "
