@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import redis as redis_sync
-
 from kafka import KafkaConsumer, TopicPartition
 
 from bench.chaos import compare, dump_users, popularity, popularity_equal, reference_run
