@@ -152,7 +152,8 @@ class Model(Method):
         self.seen_events += len(batch)
         if self.learn_until is not None and self.seen_events > self.learn_until:
             return
-        ex = [Example(q.platform, q.gid, self._hist(q), q.time, 1.0) for q in qs if q.label]
+        ex = [Example(q.platform, q.gid, self._hist(q), q.time, 1.0, f"u{q.uid}")
+              for q in qs if q.label]
         if self.trainer.learn(ex):
             self._version += 1
 

@@ -5,7 +5,12 @@ other positives of the same platform (in-batch negatives) plus ``uniform_negativ
 drawn uniformly from the platform catalog (mixed negative sampling, so fresh and unpopular
 items are seen as negatives too). Each candidate's logit is corrected by log Q, its expected
 count in the candidate set (batch size × streaming popularity + uniform share), so the
-model learns full-softmax scores rather than the sampling distribution.
+model learns full-softmax scores rather than the sampling distribution. Candidates that
+are not negatives of the example are left out of its softmax (``mask_known``): the items
+in its history (the user had them; they are never recommended to the user again) and the
+user's other positives of the same step (a user's burst of positives, common when people
+rate or buy several items in a row, would otherwise push each other down). On
+MovieLens-100K this took the model alone's prequential NDCG@10 from 0.1097 to 0.1148.
 
 Every step: AdamW on the dense weights, SparseAdam on the hashed id tables (only the rows a
 batch touched are updated), gradient clipping, then a pull of the dense weights toward a
@@ -47,6 +52,13 @@ class TrainConfig:
     ema_pull: float = 0.002  # w ← w + pull · (ema − w) after each step
     pop_half_life: float = 20000.0  # examples; streaming popularity for log Q
     cold_dropout: float = 0.3  # share of replayed examples shown without target-platform history
+    #: the softmax leaves out, per example, the items the user had (history) and the
+    #: user's other positives of the step (not negatives of theirs)
+    mask_known: bool = True
+    #: the hashed id tables' learning rate, × lr. 3 scored better on MovieLens-100K's
+    #: warm-up (first 20%: xrec NDCG@10 0.0983 vs 0.0973 at 1, 0.0966 at 10) but worse on
+    #: the synthetic stream's (0.1327 vs 0.1373 at 1), so it stays 1
+    id_lr_scale: float = 1.0
     seed: int = 0
     dp: DPConfig | None = None  # differentially private steps (models/dp.py); None = off
 
@@ -105,7 +117,7 @@ class OnlineTrainer:
         plain = [p for n, p in params.items() if not n.startswith("ids.") and p.dim() <= 1]
         dense_opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.cfg.weight_decay},
                                        {"params": plain, "weight_decay": 0.0}], lr=self.cfg.lr)
-        sparse_opt = torch.optim.SparseAdam(sparse, lr=self.cfg.lr)
+        sparse_opt = torch.optim.SparseAdam(sparse, lr=self.cfg.lr * self.cfg.id_lr_scale)
         if old is not None:
             for new_opt, old_opt in zip((dense_opt, sparse_opt), old, strict=True):
                 for p in params.values():
@@ -150,9 +162,9 @@ class OnlineTrainer:
     def set_lr(self, lr: float) -> None:
         self.cfg.lr = lr
         if self._opt is not None:
-            for opt in self._opt:
+            for opt, scale in zip(self._opt, (1.0, self.cfg.id_lr_scale), strict=True):
                 for g in opt.param_groups:
-                    g["lr"] = lr
+                    g["lr"] = lr * scale
 
     # --------------------------------------------------------------- training
     def _observe(self, ex: list[Example]) -> None:
@@ -197,7 +209,7 @@ class OnlineTrainer:
         other = [h for h in e.history if plat[h[0]] != pi]
         if not other:  # no history elsewhere: nothing cross-platform to learn from
             return e
-        return Example(e.platform, e.gid, other, e.time, e.weight)
+        return Example(e.platform, e.gid, other, e.time, e.weight, e.user)
 
     def loss(self, batch: list[Example]) -> torch.Tensor:
         m, table, cfg = self.model, self.table, self.cfg
@@ -224,10 +236,44 @@ class OnlineTrainer:
             expected = len(pos) * pop + n_uni / max(len(rows), 1)
             logits = logits - torch.as_tensor(np.log(np.maximum(expected, 1e-9)),
                                               dtype=logits.dtype, device=dev)[None]
-            target = torch.as_tensor(inv[: len(pos)], device=dev)
+            tgt = inv[: len(pos)]
+            if cfg.mask_known:
+                hist_m, also = self._known(batch, idx, cand, tgt)
+                logits = logits.masked_fill(torch.as_tensor(hist_m | also, device=dev),
+                                            float("-inf"))
+            target = torch.as_tensor(tgt, device=dev)
             total = total + F.cross_entropy(logits, target, reduction="sum")
             weight += len(idx)
         return total / max(weight, 1.0)
+
+    def _known(self, batch: list[Example], idx: list[int], cand: np.ndarray,
+               target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Two [len(idx), len(cand)] masks of candidates that are not negatives of the
+        example: items in its history (the user had them already: never recommended to
+        them again), and the targets of the user's other examples in the step that are
+        not in it (items the user likes: a user's burst of positives would otherwise push
+        each other down). The example's own target is in neither."""
+        by_user: dict[str, list[int]] = {}
+        for i in idx:
+            u = batch[i].user
+            if u:
+                by_user.setdefault(u, []).append(batch[i].gid)
+
+        def mask(lists: list[list[int]]) -> np.ndarray:
+            m = np.zeros((len(idx), len(cand)), dtype=bool)
+            lens = [len(x) for x in lists]
+            if sum(lens):
+                g = np.fromiter((x for xs in lists for x in xs), np.int64, sum(lens))
+                rows = np.repeat(np.arange(len(idx)), lens)
+                c = np.minimum(np.searchsorted(cand, g), len(cand) - 1)
+                hit = cand[c] == g
+                m[rows[hit], c[hit]] = True
+            m[np.arange(len(idx)), target] = False
+            return m
+
+        hist = mask([[h[0] for h in batch[i].history] for i in idx])
+        also = mask([by_user.get(batch[i].user, []) if batch[i].user else [] for i in idx])
+        return hist, also & ~hist
 
     def step(self, batch: list[Example]) -> int:
         t0 = time.perf_counter()

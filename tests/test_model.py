@@ -133,7 +133,9 @@ def test_drift_reactions_on_a_real_trainer():
     assert torch.equal(tr._ema["query.b.weight"], m.query["b"].weight)
     tr.set_lr(0.5)
     tr.learn(pair_examples(t, 8))
-    assert all(g["lr"] == 0.5 for opt in tr._opt for g in opt.param_groups)
+    dense, sparse = tr._opt
+    assert all(g["lr"] == 0.5 for g in dense.param_groups)
+    assert all(g["lr"] == 0.5 * tr.cfg.id_lr_scale for g in sparse.param_groups)
 
 
 def test_forget_users_drops_their_buffered_examples_only():
@@ -156,3 +158,32 @@ def test_forget_users_drops_their_buffered_examples_only():
             assert len(tr.dp.used) == len(tr.buffer)
         tr.learn(pair_examples(t, 4, seed=9))  # still learns
         assert tr.forget_users({"u1"}) == 0
+
+
+def test_the_softmax_leaves_out_what_the_user_had_and_their_other_positives():
+    """A user's history and the user's other positives of the step are not negatives of
+    the example (a burst of one user's positives would push each other down); another
+    user's positives still are, and the example's own target always counts."""
+    t = table()
+    m = HeadsModel(ModelConfig(**CFG), ["a", "b"])
+    tr = OnlineTrainer(m, t, TrainConfig(uniform_negatives=0))
+    b = [t.gid[("b", f"b{k}")] for k in range(6)]
+    batch = [Example("b", b[0], [(b[1], 1, 1.0), (b[2], 0, 0.5)], 2.0, user="u"),
+             Example("b", b[3], [(b[0], 1, 2.0), (b[1], 1, 1.0)], 3.0, user="u"),
+             Example("b", b[4], [(b[5], 1, 1.0)], 3.0, user="v")]
+    idx = [0, 1, 2]
+    cand = np.unique(np.asarray([b[0], b[3], b[4], b[1], b[2], b[5]]))
+    col = {int(g): c for c, g in enumerate(cand)}
+    tgt = np.asarray([col[b[0]], col[b[3]], col[b[4]]])
+    hist, also = tr._known(batch, idx, cand, tgt)
+    assert {int(cand[c]) for c in np.nonzero(hist[0])[0]} == {b[1], b[2]}
+    assert {int(cand[c]) for c in np.nonzero(also[0])[0]} == {b[3]}  # u's later positive
+    assert {int(cand[c]) for c in np.nonzero(hist[1])[0]} == {b[0], b[1]}
+    assert not also[1].any()  # u's other positive (b0) is in its history already
+    assert hist[1, col[b[0]]] and not hist[1, tgt[1]]
+    assert {int(cand[c]) for c in np.nonzero(hist[2])[0]} == {b[5]} and not also[2].any()
+    # the loss with and without the mask differ, and both are finite
+    on = float(tr.loss(batch))
+    tr.cfg.mask_known = False
+    off = float(tr.loss(batch))
+    assert math.isfinite(on) and math.isfinite(off) and on < off
