@@ -183,7 +183,7 @@ def test_the_softmax_leaves_out_what_the_user_had_and_their_other_positives():
     assert hist[1, col[b[0]]] and not hist[1, tgt[1]]
     assert {int(cand[c]) for c in np.nonzero(hist[2])[0]} == {b[5]} and not also[2].any()
     # the loss with and without the mask differ, and both are finite
-    on = float(tr.loss(batch))
+    on = float(tr.loss(batch).detach())
     tr.cfg.mask_known = False
-    off = float(tr.loss(batch))
+    off = float(tr.loss(batch).detach())
     assert math.isfinite(on) and math.isfinite(off) and on < off
