@@ -21,6 +21,8 @@ import types
 from collections.abc import Awaitable, Coroutine, Generator
 from typing import Any
 
+from mode.services import WaitResults
+
 __all__ = ["patch_consumer_wait_first", "fast_wait_first"]
 
 
@@ -82,8 +84,6 @@ def _close(aw: Any) -> None:
 
 
 def _results(winner: Awaitable[Any], value: Any) -> Any:
-    from mode.services import WaitResults
-
     return WaitResults([winner], [value], False)
 
 

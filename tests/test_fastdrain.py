@@ -35,6 +35,22 @@ async def _services():  # noqa: ANN202
     return s, f
 
 
+def _full_queue() -> asyncio.Queue[int]:
+    """A queue a delivery (``put``) blocks on until room is made."""
+    q: asyncio.Queue[int] = asyncio.Queue(maxsize=1)
+    q.put_nowait(0)
+    return q
+
+
+def _soon(action):  # noqa: ANN001, ANN202
+    """Run ``action`` 50 ms from now (while a delivery is blocked)."""
+    async def later():  # noqa: ANN202
+        await asyncio.sleep(0.05)
+        action()
+
+    return asyncio.ensure_future(later())
+
+
 def test_a_delivery_that_does_not_block_is_run_directly_with_the_same_result():
     async def go():  # noqa: ANN202
         s, f = await _services()
@@ -68,18 +84,13 @@ def test_a_blocked_delivery_completes_through_the_race_as_before():
     async def go():  # noqa: ANN202
         _, f = await _services()
         flag = asyncio.Event()
-        q: asyncio.Queue[int] = asyncio.Queue(maxsize=1)
-        q.put_nowait(0)  # full: the delivery below blocks
+        q = _full_queue()
 
         async def deliver():  # noqa: ANN202
             await q.put(1)
             return "delivered"
 
-        async def make_room():  # noqa: ANN202
-            await asyncio.sleep(0.05)
-            q.get_nowait()
-
-        task = asyncio.ensure_future(make_room())
+        task = _soon(q.get_nowait)  # room is made
         r = await f.wait_first(deliver(), flag.wait())
         await task
         left = q.get_nowait()
@@ -96,8 +107,7 @@ def test_a_blocked_delivery_loses_the_race_to_a_suspended_flow():
     async def go():  # noqa: ANN202
         _, f = await _services()
         flag = asyncio.Event()
-        q: asyncio.Queue[int] = asyncio.Queue(maxsize=1)
-        q.put_nowait(0)
+        q = _full_queue()
         cancelled = []
 
         async def deliver():  # noqa: ANN202
@@ -108,11 +118,7 @@ def test_a_blocked_delivery_loses_the_race_to_a_suspended_flow():
                 raise
             return "delivered"
 
-        async def suspend():  # noqa: ANN202
-            await asyncio.sleep(0.05)
-            flag.set()
-
-        task = asyncio.ensure_future(suspend())
+        task = _soon(flag.set)  # the flow is suspended (a rebalance)
         r = await f.wait_first(deliver(), flag.wait())
         await task
         await asyncio.sleep(0)
