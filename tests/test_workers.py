@@ -44,9 +44,14 @@ def _where_lost(bootstrap: str, unified: str, a: dict, b: dict) -> list[dict]:
         tps = [TopicPartition(unified, q) for q in sorted(c.partitions_for_topic(unified) or ())]
         c.assign(tps)
         c.seek_to_beginning(*tps)
-        end = c.end_offsets(tps)
-        while any(c.position(tp) < end[tp] for tp in tps):
-            for recs in c.poll(timeout_ms=500).values():
+        # until idle, not until the end offsets: Tansu 0.6 reports the last record batch's
+        # base offset as the end (README, Rebalances)
+        idle = time.monotonic()
+        while time.monotonic() - idle < 2.0:
+            got = c.poll(timeout_ms=500)
+            if got:
+                idle = time.monotonic()
+            for recs in got.values():
                 for rec in recs:
                     i = json.loads(rec.value)
                     key = (f"u:{i['user']}:{i['platform']}:ef", event_fp(i["event_id"]))
