@@ -724,7 +724,8 @@ class RedisState:
                 for pair, idx in zip(pairs, res, strict=True)}
 
     async def cache(self, recs: Sequence[tuple[RecsOut, str]]) -> None:
-        """Cache each user's latest recommendations: (record, its JSON as published)."""
+        """Cache each user's latest recommendations: (record, its JSON as published).
+        A user erased after the oldest event a record covers is skipped (``cache.lua``)."""
         if not recs:
             return
         if self.cluster:  # one call per shard: the records and the shard's counter
@@ -734,15 +735,17 @@ class RedisState:
                 sh = keys.shard(rec.user)
                 g = groups.get(sh)
                 if g is None:
-                    g = groups[sh] = [self.s.recs_ttl_s, keys.stats(sh)]
-                g += [keys.recs(rec.platform, rec.user), payload]
+                    g = groups[sh] = [self.s.recs_ttl_s, keys.stats(sh), keys.sk(sh, "erased")]
+                g += [keys.recs(rec.platform, rec.user), payload, rec.user,
+                      repr(rec.produced_at)]
             sha = self._cache_script.sha
             calls = [(keys.stats(sh), g) for sh, g in groups.items()]
             await self._retry("cache", lambda: self._eval_many(_LUA_CACHE, sha, calls))
             return
-        args: list[Any] = [self.s.recs_ttl_s, self.k("stats")]
+        args: list[Any] = [self.s.recs_ttl_s, self.k("stats"), self.k("erased")]
         for rec, payload in recs:
-            args += [self.k("recs", rec.platform, rec.user), payload]
+            args += [self.k("recs", rec.platform, rec.user), payload, rec.user,
+                     repr(rec.produced_at)]
         await self._retry("cache", lambda: self._cache_script(args=args))
 
     # ---------------------------------------------------------------- erasure

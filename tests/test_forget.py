@@ -154,3 +154,41 @@ def test_forget_cli_contract_and_identity_options(stack, ns, monkeypatch):
     assert res.exit_code == 2 and "--platform" in res.output
     res = runner.invoke(cli, ["forget"])
     assert res.exit_code == 2 and "exactly one" in res.output
+
+
+def test_recommendations_of_a_batch_applied_before_an_erasure_are_not_cached_after_it(stack, ns):
+    """A micro-batch applied just before `xrec forget` caches its recommendations after
+    the erasure deleted the user's keys: they must not come back (a returning user's later
+    events, produced after the erasure, are cached again)."""
+    import asyncio
+
+    from streams.state import RecsOut, RedisState
+
+    s = make_settings(stack, ns, platforms_path="")
+    t = Topics(s)
+    r = redis_sync.Redis.from_url(stack.redis_url, decode_responses=True)
+
+    async def go():  # noqa: ANN202
+        st = RedisState.from_settings(s, t.unified)
+        try:
+            now = time.time()
+            await st.forget("victim", now, ["shop"])
+
+            def rec(user, produced):  # noqa: ANN001, ANN202
+                return RecsOut(user=user, platform="shop", items=[("i1", 1.0)],
+                               scorer="popco", event_time=produced, produced_at=produced,
+                               published_at=now, events=1)
+
+            out = [rec("victim", now - 1.0), rec("other", now - 1.0)]  # applied before
+            await st.cache([(o, "{}") for o in out])
+            before = (r.exists(f"{ns}:recs:shop:victim"), r.exists(f"{ns}:recs:shop:other"))
+            await st.cache([(rec("victim", now + 1.0), "{}")])  # the user came back later
+            after = r.exists(f"{ns}:recs:shop:victim")
+            return before, after
+        finally:
+            await st.r.aclose()
+
+    before, after = asyncio.run(go())
+    assert before == (0, 1)
+    assert after == 1
+    r.close()

@@ -78,7 +78,7 @@ def write(s: Settings, events: list[tuple[str, str, str, float]],
         if batch:
             res = await st.apply(batch)
             assert res.applied == len(batch)
-        recs = [(Recommendations.model_construct(user=u, platform=p), payload)
+        recs = [(Recommendations.model_construct(user=u, platform=p, produced_at=T0), payload)
                 for p, u, payload in cached]
         await st.cache(recs)
         await r.aclose()
