@@ -131,6 +131,7 @@ async def run(args: argparse.Namespace) -> dict:
                 await trainer.reg.publish(trainer.blob(), {})
                 await ctx.server.poll()
         rest = msgs[warm:]
+        await redis.config_resetstat()  # Redis's own figures: the measured part only
         out: dict = {"batch_sizes": args.sizes, "per_event_ms": {}, "stages_ms": {}}
         at = 0
         for size in args.sizes:
@@ -156,6 +157,10 @@ async def run(args: argparse.Namespace) -> dict:
         ev = cs.get("cmdstat_evalsha") or {}
         out["redis_script_us_per_call"] = ev.get("usec_per_call")
         log(f"redis scripts: {ev}")
+        top = sorted(((k[8:], v) for k, v in cs.items() if k.startswith("cmdstat_")),
+                     key=lambda kv: -kv[1].get("usec", 0))[:12]
+        log("redis commands by time (scripts include what they call): " + ", ".join(
+            f"{k} {v['calls']}×{v['usec_per_call']:.1f}µs" for k, v in top))
         return out
     finally:
         rs.stop()

@@ -140,6 +140,11 @@ class Settings(BaseSettings):
     rec_k: int = Field(20, ge=1, le=1000)
     pop_candidates: int = Field(200, ge=10)
     cooc_blend: float = Field(0.7, ge=0, le=1, description="weight of co-occurrence vs popularity")
+    defer_aggregates: bool = Field(
+        True, description="the serving worker queues each batch's popularity and "
+        "co-occurrence increments in Redis with its watermarks (exactly once) and has them "
+        "folded while it ranks, instead of waiting for them; false = folded inside the "
+        "apply script (README, Keeping up with the stream)")
     hybrid_weight: float = Field(
         0.2, ge=0, description="with the model: served score = the model's + this × popco's "
         "(popularity ⊕ co-occurrence), both standardised over the platform's catalog; "

@@ -326,6 +326,9 @@ class RedisState:
         self.seq = 0  # applies started
         self.agg_pop: dict[str, AggRow] = {}
         self.agg_co: dict[tuple[str, str], AggRow] = {}
+        #: folds of the aggregates ``apply(defer_aggregates=True)`` deferred
+        self._folds: set[asyncio.Task[None]] = set()  # running: kept referenced
+        self.fold_errors = 0
 
     # ------------------------------------------------------------------ keys
     def k(self, *parts: object) -> str:
@@ -375,8 +378,8 @@ class RedisState:
 
     # ------------------------------------------------------------------ apply
     async def apply(self, batch: Sequence[tuple[int, Interaction]], history: int = 0,
-                    prefetch: tuple[Iterable[str], Iterable[tuple[str, str]]] | None = None
-                    ) -> ApplyResult:
+                    prefetch: tuple[Iterable[str], Iterable[tuple[str, str]]] | None = None,
+                    defer_aggregates: bool = False) -> ApplyResult:
         """Apply a micro-batch of (unified partition, interaction), exactly once in effect.
 
         One Lua script does the watermark checks and every state update, so the watermark
@@ -384,6 +387,13 @@ class RedisState:
         (platform, item) pairs): the hybrid's popularity and co-occurrence rows to read,
         where missing or older than ``_CACHE_TTL_S``, in the same round trip just before
         the script (so they hold nothing of this batch: ``AggRow.before`` = :attr:`seq`).
+
+        ``defer_aggregates``: the batch's popularity and co-occurrence increments (most of
+        the script's Redis time: one ``ZINCRBY`` per positive and two per recent positive)
+        are queued in Redis with the watermarks, still exactly once, and folded by a call
+        this method starts without waiting for it (the serving worker ranks meanwhile); the
+        next apply folds first whatever is still queued, so they trail by at most that.
+        :meth:`fold` waits for them.
         """
         self.seq += 1
         if not batch:
@@ -407,7 +417,8 @@ class RedisState:
             g[1].append(n)
         cfg = {"win": s.cooc_window, "seen": s.seen_len, "fpw": FP_WIDTH,
                "eids": s.eid_keep, "cokeep": s.cooc_keep,
-               "hl": s.popularity_half_life_s, "rebase": _REBASE_EXPONENT, "hist": history}
+               "hl": s.popularity_half_life_s, "rebase": _REBASE_EXPONENT, "hist": history,
+               "defer": defer_aggregates}
         reqs = {sh: json.dumps({"p": keys.sp(sh), "wm": self.wm_key(0, sh)[:-1], "ev": rows,
                                 "cfg": cfg}, separators=(",", ":"))
                 for sh, (rows, _) in groups.items()}
@@ -419,8 +430,9 @@ class RedisState:
             calls = [(keys.stats(sh), req) for sh, req in reqs.items()]
             raws = await self._retry("apply", lambda: self._eval_many(
                 _LUA_APPLY, self._apply_script.sha, calls, wait=True))
-            res = _merge_results([json.loads(x) for x in raws],
-                                 [groups[sh][1] for sh in reqs])
+            parts = [json.loads(x) for x in raws]
+            deferred = [sh for sh, r in zip(reqs, parts, strict=True) if r.get("q")]
+            res = _merge_results(parts, [groups[sh][1] for sh in reqs])
         else:
             req = reqs[0]
             if pops or cos:
@@ -432,6 +444,11 @@ class RedisState:
             else:
                 raw = await self._retry("apply", lambda: self._apply_script(args=[req]))
             res = json.loads(raw)
+            deferred = [0] if res.get("q") else []
+        if deferred:
+            task = asyncio.ensure_future(self._fold(deferred))
+            self._folds.add(task)
+            task.add_done_callback(self._folds.discard)
         out.applied, out.dup_offset, out.dup_event = res["a"], res["o"], res["e"]
         x = res.get("x")
         if isinstance(x, dict) and x:
@@ -445,6 +462,34 @@ class RedisState:
         if history:
             _histories(out, batch, res, history)
         return out
+
+    def _fold_req(self, shard: int) -> str:
+        s = self.s
+        return json.dumps({"p": self.keys.sp(shard), "fold": True, "cfg": {
+            "hl": s.popularity_half_life_s, "rebase": _REBASE_EXPONENT,
+            "cokeep": s.cooc_keep}}, separators=(",", ":"))
+
+    async def _fold(self, shards: Sequence[int]) -> None:
+        """Fold the queued aggregate increments of ``shards`` (the apply script's fold
+        call). A failure loses nothing: the queue stays, and the next apply folds it."""
+        try:
+            if self.cluster:
+                await self._eval_many(_LUA_APPLY, self._apply_script.sha,
+                                      [(self.keys.stats(sh), self._fold_req(sh))
+                                       for sh in shards])
+            else:
+                await self._apply_script(args=[self._fold_req(0)])
+        except Exception as exc:  # noqa: BLE001 - the next apply folds what is left
+            self.fold_errors += 1
+            log.warning("deferred aggregate fold failed (%s: %s); the next apply folds it",
+                        type(exc).__name__, exc)
+
+    async def fold(self) -> None:
+        """Wait until the aggregates reflect every applied batch: the pending deferred
+        fold, then one more of every shard (a crashed worker may have left a queue)."""
+        if self._folds:
+            await asyncio.gather(*self._folds)
+        await self._fold(list(self.keys.all_shards()) if self.cluster else [0])
 
     async def _eval_many(self, src: str, sha: str,
                          calls: Sequence[tuple[str | None, str | Sequence[Any]]],
@@ -553,23 +598,31 @@ class RedisState:
             if len(self.agg_co) > _CO_CACHE_MAX // 2:
                 self.agg_co = {}
 
-    async def fetch_agg(self, pops: Iterable[str], cos: Iterable[tuple[str, str]]) -> None:
+    async def fetch_agg(self, pops: Iterable[str], cos: Iterable[tuple[str, str]],
+                        seen: Sequence[tuple[str, str]] = ()
+                        ) -> dict[tuple[str, str], list[str]]:
         """Read the rows that are missing or too old now (after this batch's apply: their
-        ``before`` is the next batch's number)."""
+        ``before`` is the next batch's number); with ``seen`` (user, platform) pairs, also
+        their consumed items (as :meth:`seen`), in the same round trip, and return them."""
         stale_p, stale_c = self.agg_stale(pops, cos)
         if not stale_p and not stale_c:
-            return
+            return await self.seen(seen) if seen else {}
         if self.cluster:
             await self._retry("aggregates", lambda: self._fetch_merged(stale_p, stale_c,
                                                                        self.seq + 1))
-            return
+            return await self.seen(seen) if seen else {}
 
         async def _do() -> list[Any]:
             pipe = self.r.pipeline(transaction=False)
+            for u, p in seen:
+                pipe.zrange(self.keys.u(u, p, "seen"), 0, -1)
             self._agg_reads(pipe, stale_p, stale_c)
             return await pipe.execute()
 
-        self._agg_store(stale_p, stale_c, await self._retry("aggregates", _do), self.seq + 1)
+        res = await self._retry("aggregates", _do)
+        n = len(seen)
+        self._agg_store(stale_p, stale_c, res[n:], self.seq + 1)
+        return {pair: list(lst) for pair, lst in zip(seen, res[:n], strict=True)}
 
     async def _fetch_merged(self, pops: list[str], cos: list[tuple[str, str]], before: int
                             ) -> None:

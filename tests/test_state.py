@@ -207,6 +207,45 @@ def test_one_batch_or_one_event_at_a_time_leave_the_same_state(stack, ns):
     assert any(k.endswith(":ef") for k in got["whole"])
 
 
+def test_deferred_aggregates_fold_exactly_once_and_in_order(stack, ns):
+    """``apply(defer_aggregates=True)`` (the serving worker): popularity and co-occurrence
+    end exactly where folding inside the script leaves them, when a deferred fold never
+    runs (a worker killed after its apply: the next apply folds the queue first) and when
+    a batch is redelivered (its increments are not queued twice)."""
+    evs = [ev(f"u{n % 4}", f"i{(n * 5) % 7}", n, platform=("video", "music")[n % 2],
+              label=int(n % 5 != 4), weight=1.0 + n % 3, t=T0 + n, src=f"s:{n % 2}")
+           for n in range(60)]
+    batches = [evs[i:i + 4] for i in range(0, len(evs), 4)]
+    got = {}
+    for name in ("inline", "deferred"):
+        s = make_settings(stack, f"{ns}{name}", hist_len=8)
+        st = RedisState(redis_from_url(stack.redis_url), s, "unified")
+        defer = name == "deferred"
+
+        async def go(st=st, defer=defer):
+            real_fold = st._fold
+            for n, b in enumerate(batches):
+                if defer and n % 3 == 1:  # killed before its fold: nothing folds it now
+                    async def lost(shards):
+                        return None
+                    st._fold = lost
+                r = await st.apply(b, history=8, defer_aggregates=defer)
+                st._fold = real_fold
+                assert r.applied == len(b)
+                if n == 5:  # redelivered: nothing applied, nothing queued again
+                    again = await st.apply(b, history=8, defer_aggregates=defer)
+                    assert again.applied == 0 and again.dup_offset == len(b)
+            await st.fold()
+
+        run(go())
+        got[name] = {k.split(":", 1)[1]: v for k, v in redis_dump(
+            stack.redis_url, f"{ns}{name}:", skip=lambda rest: not rest.startswith(
+                ("co:", "pop", "aggq"))).items()}
+    assert got["inline"] == got["deferred"]
+    assert any(k.startswith("co:") for k in got["inline"])
+    assert not any(k.startswith("aggq") for k in got["deferred"])
+
+
 def test_user_state_stays_compact_and_remembers_the_last_event_ids(stack, ns):
     """Realistic ids (32-hex user keys, 24-hex event ids): history and seen items keep
     Redis's compact encoding; each applied event costs 8 bytes of fingerprint; an event id

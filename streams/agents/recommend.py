@@ -147,7 +147,7 @@ class Recommender:
         prefetch = (self._prefetch(batch) if server is not None and server.ready
                     and s.hybrid_weight > 0 else None)
         result = await ctx.state.apply(batch, history=s.hist_len if ctx.use_model else 0,
-                                       prefetch=prefetch)
+                                       prefetch=prefetch, defer_aggregates=s.defer_aggregates)
         if forgets:
             await self._forget(forgets, result)
         clock.lap("apply")
@@ -157,14 +157,6 @@ class Recommender:
             recs = await ctx.state.recommend(result.touched)
             ranks, n_cross = [None] * len(result.applied_events), 0
             clock.lap("rank")
-        if self.drift is not None:
-            await self.drift.watch(result.applied_events, ranks)
-            clock.lap("drift")
-        if ctx.use_model:
-            await ctx.publish_many(ctx.topics.train_examples, examples_json(
-                result.applied_events, time.time(),
-                server.horizon if server is not None else None))
-            clock.lap("examples")
         published_at = time.time()
         payloads = []
         by_topic: dict[str, list[tuple[bytes | None, bytes]]] = {}
@@ -177,6 +169,15 @@ class Recommender:
         for topic, records in by_topic.items():
             await ctx.publish_many(topic, records)
         clock.lap("publish")
+        # after the recommendations are out: nothing below delays them
+        if self.drift is not None:
+            await self.drift.watch(result.applied_events, ranks)
+            clock.lap("drift")
+        if ctx.use_model:
+            await ctx.publish_many(ctx.topics.train_examples, examples_json(
+                result.applied_events, time.time(),
+                server.horizon if server is not None else None))
+            clock.lap("examples")
         await ctx.state.cache(payloads)
         clock.lap("cache")
 
@@ -227,16 +228,19 @@ class Recommender:
                 pair = (u, q)
                 if pair not in touched and q in self.recs_topic and self.cross.due(pair, mono):
                     cross.append(pair)
-        seen = await ctx.state.seen(cross) if cross else {}
         pairs = [*touched, *cross]
+        if hybrid:  # the rows and the cross pairs' consumed items: one round trip
+            recent = [recent_positives(result.history.get(u, []), p, s.cooc_window)
+                      for u, p in pairs]
+            seen = await ctx.state.fetch_agg(
+                {p for _, p in pairs},
+                [(p, i) for (_, p), r in zip(pairs, recent, strict=True) for i in r], cross)
+        else:
+            seen = await ctx.state.seen(cross) if cross else {}
         asks = [Ask(result.history.get(u, []), p, newest[u].event_time,
                     exclude=touched[(u, p)].seen_before if (u, p) in touched else seen[(u, p)],
                     extra=consumed.get((u, p), ())) for u, p in pairs]
         if hybrid:
-            recent = [recent_positives(a.history, a.platform, s.cooc_window) for a in asks]
-            await ctx.state.fetch_agg({p for _, p in pairs},
-                                      [(a.platform, i) for a, r in zip(asks, recent,
-                                                                       strict=True) for i in r])
             self._attach(asks, None, recent)
             for pair, r in zip(pairs, recent, strict=True):
                 self._remember(pair, r)

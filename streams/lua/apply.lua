@@ -9,6 +9,13 @@
 -- else update state. Reads happen once per key and batch and writes are gathered per key to the
 -- end (watermarks, fingerprints, history, seen, stats, users, rpos): a key's end state is
 -- what per-event writes would have left, with fewer Redis commands.
+-- Popularity and co-occurrence (the platform-wide aggregates): each applied positive gives
+-- one record {platform, item, weight, time, [its pair's recent positives before it]}; the
+-- script folds it into pop:/co: itself, or, with cfg.defer, appends the batch's records to
+-- the list `aggq` (atomically with the watermarks: exactly once) for a later call with
+-- {p, fold: true, cfg} to fold, so the caller need not wait for those writes. Every call
+-- first folds what `aggq` holds (oldest first): the aggregates never trail by more than the
+-- batches whose fold has not run yet, and the increments keep their order.
 -- Returns JSON {a: applied, o: offset dups, e: event-id dups, x: {user: true} of the users
 -- whose events were skipped as erased (absent when none), r: {"user\tplatform": [recent
 -- positive items, newest first]}, and when cfg.hist > 0: i: [1-based indices of the applied
@@ -28,6 +35,62 @@ local users, users_n = {}, 0     -- users applied in this batch (one SADD)
 local rpos_dirty = {}            -- pair → true when its recent positives changed
 local erased, x, nx = {}, {}, 0  -- user → erasure time (-1: none) / skipped as erased
 local n_late = 0                 -- applied below their watermark (never applied before)
+local agg, aggq = {}, P .. 'aggq'  -- this batch's aggregate records / where deferred
+
+-- fold aggregate records into the decayed popularity and the co-occurrence lists
+local function fold(records)
+  for _, rec in ipairs(records) do
+    local p, item, w, t, rp = rec[1], rec[2], rec[3], rec[4], rec[5]
+    local popk, mk = P .. 'pop:' .. p, P .. 'popmeta:' .. p
+    local a = anchors[p]
+    if a == nil then
+      a = tonumber(redis.call('HGET', mk, 'anchor'))
+      if a == nil then
+        a = t
+        redis.call('HSET', mk, 'anchor', string.format('%.3f', t))
+      end
+    end
+    if (t - a) / c.hl > c.rebase then
+      -- rescale every weight to a new anchor so 2^e stays small
+      redis.call('ZUNIONSTORE', popk, 1, popk, 'WEIGHTS', 2 ^ ((a - t) / c.hl))
+      redis.call('HSET', mk, 'anchor', string.format('%.3f', t))
+      a = t
+    end
+    anchors[p] = a
+    local e = (t - a) / c.hl
+    if e < -1000 then e = -1000 end
+    redis.call('ZINCRBY', popk, w * 2 ^ e, item)
+    for rank, other in ipairs(rp) do
+      if other ~= item then
+        local cw = w / rank
+        local k1, k2 = P .. 'co:' .. p .. ':' .. other, P .. 'co:' .. p .. ':' .. item
+        redis.call('ZINCRBY', k1, cw, item)
+        redis.call('ZINCRBY', k2, cw, other)
+        trim_co[k1] = true
+        trim_co[k2] = true
+      end
+    end
+  end
+end
+
+local function trim()
+  for k, _ in pairs(trim_co) do
+    redis.call('ZREMRANGEBYRANK', k, 0, -(c.cokeep + 1))
+  end
+  trim_co = {}
+end
+
+-- what earlier calls deferred, first and in order
+if redis.call('EXISTS', aggq) == 1 then
+  local q = redis.call('LRANGE', aggq, 0, -1)
+  redis.call('DEL', aggq)
+  for _, js in ipairs(q) do fold(cjson.decode(js)) end
+end
+if req.fold then
+  trim()
+  return cjson.encode({f = 1})
+end
+
 local any_erased = redis.call('EXISTS', P .. 'erased') == 1
 
 -- is fingerprint f (width L) one of the aligned fields of s?
@@ -129,37 +192,12 @@ for n, ev in ipairs(req.ev) do
         su[f] = (su[f] or 0) + 1
         stat_last[u][p] = t
         if label == 1 then
-          local popk, mk = P .. 'pop:' .. p, P .. 'popmeta:' .. p
-          local a = anchors[p]
-          if a == nil then
-            a = tonumber(redis.call('HGET', mk, 'anchor'))
-            if a == nil then
-              a = t
-              redis.call('HSET', mk, 'anchor', string.format('%.3f', t))
-            end
-          end
-          if (t - a) / c.hl > c.rebase then
-            -- rescale every weight to a new anchor so 2^e stays small
-            redis.call('ZUNIONSTORE', popk, 1, popk, 'WEIGHTS', 2 ^ ((a - t) / c.hl))
-            redis.call('HSET', mk, 'anchor', string.format('%.3f', t))
-            a = t
-          end
-          anchors[p] = a
-          local e = (t - a) / c.hl
-          if e < -1000 then e = -1000 end
-          redis.call('ZINCRBY', popk, w * 2 ^ e, item)
           local rp = recent_pos[pk]
+          agg[#agg + 1] = {p, item, w, t, rp}
           local nrp = {item}
-          for rank, other in ipairs(rp) do
-            if other ~= item then
-              local cw = w / rank
-              local k1, k2 = P .. 'co:' .. p .. ':' .. other, P .. 'co:' .. p .. ':' .. item
-              redis.call('ZINCRBY', k1, cw, item)
-              redis.call('ZINCRBY', k2, cw, other)
-              trim_co[k1] = true
-              trim_co[k2] = true
-              if #nrp < c.win then nrp[#nrp + 1] = other end
-            end
+          for _, other in ipairs(rp) do
+            if #nrp >= c.win then break end
+            if other ~= item then nrp[#nrp + 1] = other end
           end
           recent_pos[pk] = nrp
           rpos_dirty[pk] = base .. ':rpos'
@@ -209,9 +247,16 @@ for pk, key in pairs(rpos_dirty) do
   redis.call('DEL', key)
   redis.call('RPUSH', key, unpack(recent_pos[pk]))
 end
-for k, _ in pairs(trim_co) do
-  redis.call('ZREMRANGEBYRANK', k, 0, -(c.cokeep + 1))
+local deferred = 0
+if #agg > 0 then
+  if c.defer then
+    redis.call('RPUSH', aggq, cjson.encode(agg))
+    deferred = 1
+  else
+    fold(agg)
+  end
 end
+trim()
 local sk = P .. 'stats'
 redis.call('HINCRBY', sk, 'events_applied', applied)
 redis.call('HINCRBY', sk, 'duplicates_offset', dup_off)
@@ -220,7 +265,7 @@ if nx > 0 then redis.call('HINCRBY', sk, 'erased_skipped', nx) end
 if n_late > 0 then redis.call('HINCRBY', sk, 'late_applied', n_late) end
 if next(x) == nil then x = nil end
 if c.hist > 0 then
-  return cjson.encode({a = applied, o = dup_off, e = dup_ev, x = x, r = recent_pos,
+  return cjson.encode({a = applied, o = dup_off, e = dup_ev, x = x, r = recent_pos, q = deferred,
                        i = applied_idx, h = hist_before, s = seen_before})
 end
-return cjson.encode({a = applied, o = dup_off, e = dup_ev, x = x, r = recent_pos})
+return cjson.encode({a = applied, o = dup_off, e = dup_ev, x = x, r = recent_pos, q = deferred})
