@@ -328,6 +328,8 @@ class RedisState:
         self.agg_co: dict[tuple[str, str], AggRow] = {}
         #: folds of the aggregates ``apply(defer_aggregates=True)`` deferred
         self._folds: set[asyncio.Task[None]] = set()  # running: kept referenced
+        #: the last :meth:`cache_later` write (each waits for the one before it)
+        self._cache_task: asyncio.Task[None] | None = None
         self.fold_errors = 0
 
     # ------------------------------------------------------------------ keys
@@ -800,6 +802,29 @@ class RedisState:
             args += [self.k("recs", rec.platform, rec.user), payload, rec.user,
                      repr(rec.produced_at)]
         await self._retry("cache", lambda: self._cache_script(args=args))
+
+    def cache_later(self, recs: Sequence[tuple[RecsOut, str]]) -> None:
+        """:meth:`cache` without waiting for it: the writes keep their order (each waits
+        for the one before), and :meth:`cache_flush` waits for all of them (the serving
+        worker does before it commits offsets, so what it committed is cached)."""
+        if not recs:
+            return
+        prev = self._cache_task
+
+        async def write() -> None:
+            if prev is not None:
+                await prev
+            await self.cache(recs)
+
+        self._cache_task = asyncio.ensure_future(write())
+
+    async def cache_flush(self) -> None:
+        """Wait for every :meth:`cache_later` write (raises what a write raised)."""
+        task = self._cache_task
+        if task is not None:
+            await task
+            if self._cache_task is task:
+                self._cache_task = None
 
     # ---------------------------------------------------------------- erasure
     async def forget(self, user: str, at: float, platforms: Sequence[str]) -> int:

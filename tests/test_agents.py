@@ -249,3 +249,35 @@ def test_a_failed_delivery_stops_the_commits(stack, ns):
     assert committed == [{"tp": 1}]  # nothing committed after the failure
     assert ctx.delivery_failures == 1 and len(crashed) == 1
     assert ctx.metrics.delivery_errors.values[()] == 1
+
+
+def test_a_commit_waits_for_the_background_cache_writes(stack, ns):
+    """The serving worker writes the read API's copy of its recommendations in the
+    background (``RedisState.cache_later``): an offset commit must come after those
+    writes, or a crash right after it would leave committed recommendations uncached."""
+    import redis as redis_sync
+
+    from streams.state import RecsOut
+
+    s = make_settings(stack, ns)
+    app = create_app(s, agents="recommend")
+    app.finalize()
+    ctx = app.xrec_guard_commits.__self__
+    key = f"{s.redis_prefix}recs:video:u1"
+    r = redis_sync.Redis.from_url(stack.redis_url)
+    seen_at_commit: list[bool] = []
+
+    async def commit(offsets):
+        seen_at_commit.append(r.exists(key) == 1)
+        return True
+
+    async def go():
+        consumer = type("C", (), {"_commit": staticmethod(commit)})()
+        ctx.guard_commits(consumer)
+        rec = RecsOut("u1", "video", [("v1", 1.0)], "popco", 1.0, time.time(), time.time(), 1)
+        ctx.state.cache_later([(rec, rec.model_dump_json())])
+        assert r.exists(key) == 0  # not written yet: nothing ran since
+        return await consumer._commit({"tp": 1})
+
+    assert asyncio.run(go()) is True
+    assert seen_at_commit == [True]

@@ -192,6 +192,7 @@ def test_recs_json_is_what_consumers_validate(stack, ns, n):
     async def go():
         core, ctx, sink = await make_core(stack, ns, rec_k=n)
         await core.handle([msg(ctx, 0, "u1", "video", "video-1")])
+        await ctx.state.cache_flush()  # written in the background, flushed before commits
         return ctx, sink
 
     ctx, sink = asyncio.run(go())

@@ -190,6 +190,9 @@ class Context:
         original = consumer._xrec_commit = consumer._commit
 
         async def commit(offsets: Any) -> bool:
+            state = getattr(self, "state", None)
+            if state is not None:  # what the committed batches cached (RedisState.cache_later)
+                await state.cache_flush()
             await asyncio.sleep(0)  # let the flushed deliveries' callbacks run
             if self.delivery_failures:
                 log.error("not committing %d offset(s): %d record(s) were not delivered",

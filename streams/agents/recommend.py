@@ -178,7 +178,9 @@ class Recommender:
                 result.applied_events, time.time(),
                 server.horizon if server is not None else None))
             clock.lap("examples")
-        await ctx.state.cache(payloads)
+        # the read API's copy, written while the next batch runs (in order; flushed before
+        # offsets are committed: Context.guard_commits)
+        ctx.state.cache_later(payloads)
         clock.lap("cache")
 
         for stage, ms in clock.ms.items():
