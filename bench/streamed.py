@@ -77,6 +77,11 @@ def scrape(port: int) -> dict[str, float]:
     return out
 
 
+def _mean(m: dict[str, float], name: str) -> float | None:
+    n = m.get(f"{name}_count", 0.0)
+    return round(m.get(f"{name}_sum", 0.0) / n, 1) if n else None
+
+
 def stage_figures(m: dict[str, float]) -> dict[str, object]:
     batches = m.get("xrec_recommend_batch_events_count", 0.0)
     events = m.get("xrec_recommend_batch_events_sum", 0.0)
@@ -88,6 +93,9 @@ def stage_figures(m: dict[str, float]) -> dict[str, object]:
     return {"batches": int(batches), "events_per_batch": round(events / batches, 1)
             if batches else None, "stage_ms_per_batch": per_batch,
             "recommend_ms_per_event": round(per_event_ms, 4) if per_event_ms else None,
+            # where an event's time goes: produced → its micro-batch starting, then → published
+            "input_lag_ms_mean": _mean(m, "xrec_input_lag_ms"),
+            "event_to_recs_ms_mean": _mean(m, "xrec_event_to_recs_latency_ms"),
             "cross_refreshes": int(m.get('xrec_recommendations_total{refresh="cross"}', 0)),
             "event_refreshes": int(m.get('xrec_recommendations_total{refresh="event"}', 0))}
 
