@@ -420,8 +420,14 @@ class ModelServer:
             n_items = e_p.shape[0]
             if not n_items:
                 continue
+            ann = self._ann_for(cur, p, e_p, b_p, tau) if recs else None
+            # scored exactly, the prequential asks and the others are one pass (every step
+            # is per row, so this is what two passes give, for half the fixed costs);
+            # "both" puts the prequential rows first
+            stages = ([(evals + recs, "both")] if ann is None and evals and recs
+                      else [(evals, "evaluate"), (recs, "rank")])
             memo: dict[int, list[int]] = {}  # exclusion columns, per list, for both stages
-            for idx, stage in ((evals, "evaluate"), (recs, "rank")):
+            for idx, stage in stages:
                 if not idx:
                     continue
                 targets: list[int] = []
@@ -442,12 +448,12 @@ class ModelServer:
                         cols = [c for c in cols if c != tc]
                     ex_r.extend([r] * len(cols))
                     ex_c.extend(cols)
-                why = explain and stage == "rank"
+                why = explain and stage != "evaluate"
+                ne = len(evals) if stage == "both" else 0  # prequential rows on top
                 parts = None
                 with torch.inference_mode():
                     sel = torch.as_tensor(idx, device=q_all.device)
-                    ann = self._ann_for(cur, p, e_p, b_p, tau) if stage == "rank" else None
-                    if ann is not None:  # a big catalog: ANN candidates, scored exactly
+                    if ann is not None and stage == "rank":  # a big catalog: ANN candidates
                         cols = self._ann_tops(ann, p, e_p, b_p, tau, q_all[sel],
                                               [asks[n] for n in idx], ex_r, ex_c,
                                               min(k, n_items), idx, out)
@@ -460,19 +466,30 @@ class ModelServer:
                         if ex_r:
                             s.index_put_((torch.as_tensor(ex_r), torch.as_tensor(ex_c)),
                                          torch.tensor(-math.inf, device=s.device))
-                        if stage == "evaluate":
-                            self._ranks(s, targets, idx, out)
+                        if clock is not None and stage == "both":
+                            clock.lap("rank")
+                        if stage != "rank":
+                            se = s[:ne] if ne else s
+                            self._ranks(se, targets, evals, out)
                             if self._cold_last is not None:
-                                self._cold_learn(s, targets)
-                        else:
-                            cols = self._tops(s, min(k, n_items), t.rows(p), idx, out)
+                                self._cold_learn(se, targets)
+                            if clock is not None and stage == "both":
+                                clock.lap("evaluate")
+                        if stage != "evaluate":
+                            cols = self._tops(s[ne:] if ne else s, min(k, n_items),
+                                              t.rows(p), recs, out)
+                            if parts is not None and ne:
+                                parts = {"model": parts["model"][ne:],
+                                         "popco": parts["popco"][ne:],
+                                         "co": parts["co"][ne:], "pv": parts["pv"][ne:]}
                 if why:
                     assert att_all is not None
-                    pending.append(self._explain_prep(p, [asks[n] for n in idx], cols,
-                                                      h.gid[idx], h.label[idx] == 1,
-                                                      att_all[sel], parts))
+                    sel_r = sel[ne:] if ne else sel
+                    pending.append(self._explain_prep(p, [asks[n] for n in recs], cols,
+                                                      h.gid[recs], h.label[recs] == 1,
+                                                      att_all[sel_r], parts))
                 if clock is not None:
-                    clock.lap(stage)
+                    clock.lap("evaluate" if stage == "evaluate" else "rank")
         if pending:  # one pass for every platform's rankings of the batch
             self._explain(cur, pending)
             if clock is not None:
@@ -737,6 +754,12 @@ class ModelServer:
         candidate weight of the prior (:class:`models.coldtext.ColdWeight`)."""
         assert self._cold_last is not None and self._coldw is not None
         rows, prior, w = self._cold_last
+        n_rows = s.shape[0]  # the prequential rows (the first ones of a merged pass)
+        if rows and max(rows) >= n_rows:
+            keep = [j for j, r in enumerate(rows) if r < n_rows]
+            if not keep:
+                return
+            rows, prior = [rows[j] for j in keep], prior[keep]
         before = self._coldw.weight
         base = s[torch.as_tensor(rows)].double().cpu().numpy() - w * prior  # -inf stays
         self._coldw.learn(base, prior, [targets[r] for r in rows])

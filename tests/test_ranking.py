@@ -146,3 +146,44 @@ def test_a_new_head_version_is_prepared_off_the_loop_and_swapped_whole(server):
     srv.cur = nxt
     after = srv.answer([Ask([], "music", 1.0)], k=5)[0]
     assert srv.version == 2 and before != after
+
+
+def test_prequential_and_serving_asks_in_one_pass_equal_two_passes(server):
+    """answer() scores a platform's prequential asks and its other asks in one pass (the
+    hybrid's rows, the text prior, exclusions and reasons all per row): every rank, item,
+    score and reason must be what answering each kind alone gives."""
+    from streams.state import AggRow
+
+    srv, ids, rng = server
+    srv.s.explain_top = 3
+    pops = {p: AggRow([(i, 40.0 - n) for n, i in enumerate(ids[p][:25])], before=0)
+            for p in PLATS}
+
+    def make():
+        asks = []
+        for n in range(24):
+            p = PLATS[n % 3]
+            hist = [(PLATS[(n + j) % 3], f"{PLATS[(n + j) % 3]}-{(7 * n + j) % 40}",
+                     int(j % 3 != 2), 1e4 - j) for j in range(n % 6)]
+            co = [AggRow([(f"{p}-{(n + j) % 40}", 5.0 - j)], before=0) for j in range(2)]
+            target = f"{p}-{(3 * n) % 40}" if n % 2 == 0 else None
+            asks.append(Ask(hist, p, 1e4, exclude=[f"{p}-{n % 40}"] if n % 3 else [],
+                            target=target, pop=pops[p], co=co if n % 4 else [],
+                            co_src=[f"{p}-1", f"{p}-2"] if n % 4 else []))
+        return asks
+
+    merged = make()
+    out = srv.answer(merged, k=5)
+    apart = make()
+    evals = [a for a in apart if a.target is not None]
+    recs = [a for a in apart if a.target is None]
+    want = dict(zip(map(id, evals), srv.answer(evals, k=5), strict=True))
+    want.update(zip(map(id, recs), srv.answer(recs, k=5), strict=True))
+    for a, b, got in zip(merged, apart, out, strict=True):
+        w = want[id(b)]
+        if a.target is not None:
+            assert got == pytest.approx(w)
+        else:
+            assert [i for i, _ in got] == [i for i, _ in w]
+            assert [s for _, s in got] == pytest.approx([s for _, s in w], abs=1e-5)
+            assert a.why == b.why and a.why
