@@ -37,8 +37,9 @@ STAGE_BUCKETS = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000)
 #: records of one partition that :meth:`Context.publish_many` hands over as one batch
 PUBLISH_BATCH_MIN = 32
 #: the recommend agent's stages, in the order a micro-batch runs them
-RECOMMEND_STAGES = ("decode", "apply", "tower", "evaluate", "rank", "drift", "examples",
-                    "publish", "cache")
+#: in the order a batch runs them (the recommendations are published before the last three)
+RECOMMEND_STAGES = ("decode", "apply", "tower", "evaluate", "rank", "publish", "drift",
+                    "examples", "cache")
 
 
 class WorkerMetrics:
