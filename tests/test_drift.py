@@ -152,3 +152,20 @@ def test_drift_spec_errors():
     with pytest.raises(ValueError, match="only labels"):
         parse_drift("interest@0.5:shop", 100)
     assert parse_drift("labels@0.25", 1000).at == 250
+
+
+def test_running_window_stats_equal_the_windows_recomputed():
+    # the monitor keeps counts and a vector sum as events enter and leave its windows;
+    # checked against the windows themselves, long past many evictions and re-sums
+    m = DriftMonitor(DriftConfig(window=40))
+    for n, (item, label, vec, hit) in enumerate(stream(3000, 1500, 3, "catalog")):
+        m.observe("a", item, label, vec if n % 7 else None, hit)
+        if n % 97 == 0 or n == 2999:
+            pm = m.platforms["a"]
+            counts, cen = pm._window_stats()
+            assert counts == Counter(pm.items)
+            if pm.vecs:
+                mean = np.mean(np.stack(list(pm.vecs)), axis=0)
+                assert cen is not None
+                np.testing.assert_allclose(cen, mean / np.linalg.norm(mean), atol=1e-9)
+    assert pm.vadds > 0  # the running sum was in use, not only the fresh sums
