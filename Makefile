@@ -12,7 +12,8 @@ help: ## show this help
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "xrec needs Python 3.11"'
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@# a venv cut off while being made (no pip yet) is made again, not reused
+	test -x $(BIN)/pip || $(PYTHON) -m venv --clear $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0  # first: the CPU wheel (other versions pull CUDA builds)
 	$(BIN)/pip install -q -e '.[test]'
