@@ -4,7 +4,6 @@ scale, the replay budget, and that DP off leaves the trainer exactly as it was."
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 import numpy as np
@@ -210,22 +209,61 @@ def test_noise_scale_is_sigma_times_clip() -> None:
 
 
 # ------------------------------------------------------------------------ the trainer
-def test_dp_off_is_byte_identical_to_the_trainer_before_dp() -> None:
-    """Golden: the weights after 24 steps, as the trainer before models/dp.py made them
-    (sha256 recorded with torch 2.13 on CPU)."""
+#: recorded with torch 2.13 on CPU from the trainer whose weights matched, bit for bit, the
+#: trainer before models/dp.py (a sha256 of every tensor, on the machine it was recorded on).
+#: Bits differ between CPUs (vector kernels): the code that matched the digest on the CI
+#: machine of 2026-12-05 fails it on an AVX-512 AMD EPYC. So the golden is each tensor's sum
+#: and norm to 1e-4 relative: a 1% change of the learning rate moves them by up to 34%, of
+#: the clip norm by up to 5%.
+_GOLDEN_WEIGHTS = {  # tensor: (sum, L2 norm) after the 24 steps
+    "log_tau": (2.384524822, 2.384524822),
+    "adapter.a.weight": (-0.05233654904, 0.9688270588),
+    "adapter.a.bias": (0.04207208659, 0.1184232992),
+    "adapter.b.weight": (1.457461393, 0.8104761045),
+    "adapter.b.bias": (-0.002786040597, 0.07374727772),
+    "query.a.weight": (-0.1137750878, 0.1500399118),
+    "query.a.bias": (0, 0),
+    "query.b.weight": (0.2776213039, 0.5046301632),
+    "query.b.bias": (0.003355684923, 0.01728025471),
+    "ctx.a": (-0.06187988352, 0.05420116322),
+    "ctx.b": (-0.6852505933, 0.3390667487),
+    "start.a": (-0.04324313428, 0.06438761843),
+    "start.b": (-0.04754231707, 0.06197974834),
+    "ids.a": (0.3278381006, 1.212187214),
+    "ids.b": (0.7787581942, 1.071415199),
+    "text_adapter.weight": (-2.708602382, 1.952634358),
+    "text_adapter.bias": (0.1674041678, 0.2143707208),
+    "plat_emb.weight": (-0.4531411262, 0.3316445416),
+    "label_emb.weight": (0.06855991192, 0.09611265022),
+    "pos_emb.weight": (-0.0949761261, 0.1403120213),
+    "gap_emb.weight": (-0.4109206406, 0.2389217061),
+    "key.weight": (2.336294147, 1.788312336),
+    "key.bias": (0.4256529529, 0.3375215203),
+    "value.weight": (8.424320841, 3.009242054),
+    "value.bias": (-0.001536306052, 0.02257500435),
+    "mlp.0.weight": (0.1890135687, 2.399150846),
+    "mlp.0.bias": (-0.276801974, 0.4636648177),
+    "mlp.2.weight": (-0.3278573751, 0.5056493567),
+    "mlp.2.bias": (0.00468993737, 0.02466612708),
+}
+
+
+def test_dp_off_trains_as_the_trainer_before_dp() -> None:
+    """Golden: the weights after 24 steps with DP off, as the trainer before models/dp.py
+    made them."""
     if not torch.__version__.startswith("2.13"):
-        pytest.skip("golden digest recorded with torch 2.13")
+        pytest.skip("golden weights recorded with torch 2.13")
     t = table()
     m = HeadsModel(ModelConfig(**CFG, seed=3), ["a", "b"])
     tr = OnlineTrainer(m, t, TrainConfig(seed=3, uniform_negatives=8, lr=1e-2, replay=64))
     for i in range(12):
         tr.learn(pair_examples(t, 16, seed=i))
-    h = hashlib.sha256()
-    for k, v in m.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().cpu().numpy().tobytes())
     assert tr.stats.steps == 24 and tr.dp is None and tr.dp_epsilon_spent() == {}
-    assert h.hexdigest() == "bb6b0624ad84c378a04cf84633b487417742f0be28339d887674554fef64cd9a"
+    got = {k: (float(v.double().sum()), float(v.double().norm()))
+           for k, v in m.state_dict().items()}
+    assert got.keys() == _GOLDEN_WEIGHTS.keys()
+    for k, want in _GOLDEN_WEIGHTS.items():
+        assert got[k] == pytest.approx(want, rel=1e-4, abs=1e-6), k
 
 
 def test_replay_budget_retires_examples_and_bounds_epsilon() -> None:
