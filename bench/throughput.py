@@ -15,7 +15,9 @@ xrec_events_per_s, ratio, latency_ms_p50, latency_ms_p99 (plus details, among th
 cpu_us_per_event: CPU microseconds per applied event of each process during (b)). The bare
 agent runs with xrec's fast record delivery (``XREC_FAST_DRAIN``, streams/fastdrain.py) as
 the workers do; ``bare_stock_events_per_s`` / ``ratio_vs_stock``: the same agent with
-Faust's delivery as shipped, measured in the same run.
+Faust's delivery as shipped, measured in the same run. ``bare_after_events_per_s``: the
+bare agent of (a) timed again right after (b), to show how far the peer moved meanwhile
+(the ratio stays against (a)).
 
 ``--explain-ab N``: after (b), N more pairs of (b) runs, explanations off
 (``XREC_EXPLAIN_TOP=0``) then on (the default), alternating on fresh stacks; adds
@@ -298,6 +300,16 @@ def main() -> None:
     xrec, cpu_us = loop_rate(wd / "b", man)
     log(f"    xrec: {xrec:,.0f} events/s; CPU µs per applied event by process: {cpu_us} "
         f"(total {sum(cpu_us.values()):,.0f})")
+    # the peer again, right after: on this box it moves by up to a third within minutes, so
+    # a reader sees how much of the ratio is the peer (the ratio stays against (a))
+    log("(a) bare pass-through again, after (b) ...")
+    st = Stack(wd / "a-after")
+    try:
+        bare_after = bare_rate(st.tansu.url, files, a.events, wd / "a-after")
+    finally:
+        st.stop()
+    log(f"    bare after: {bare_after:,.0f} events/s (ratio against it "
+        f"{xrec / bare_after:.2f})")
     explain = None
     if a.explain_ab:
         pairs = []
@@ -348,7 +360,9 @@ def main() -> None:
            # the bare agent above runs xrec's fast record delivery too (the ratio compares
            # like with like); this one is Faust as shipped
            "bare_stock_events_per_s": round(bare_stock, 1),
-           "ratio_vs_stock": round(xrec / bare_stock, 3)}
+           "ratio_vs_stock": round(xrec / bare_stock, 3),
+           # the same bare agent as (a), timed again right after (b)
+           "bare_after_events_per_s": round(bare_after, 1)}
     if explain is not None:
         out["explain"] = explain
     print(f"bare {bare:,.0f} ev/s | xrec {xrec:,.0f} ev/s | ratio {out['ratio']:.2f} | "
