@@ -616,8 +616,7 @@ class RedisState:
 
         async def _do() -> list[Any]:
             pipe = self.r.pipeline(transaction=False)
-            for u, p in seen:
-                pipe.zrange(self.keys.u(u, p, "seen"), 0, -1)
+            self._seen_reads(pipe, seen)
             self._agg_reads(pipe, stale_p, stale_c)
             return await pipe.execute()
 
@@ -657,12 +656,15 @@ class RedisState:
 
         async def _do() -> list[Any]:
             rd = self.r.pipeline(transaction=False)
-            for u, p in pairs:
-                rd.zrange(self.keys.u(u, p, "seen"), 0, -1)
+            self._seen_reads(rd, pairs)
             return await rd.execute()
 
         res = await self._retry("seen", _do)
         return {pair: list(lst) for pair, lst in zip(pairs, res, strict=True)}
+
+    def _seen_reads(self, pipe: Any, pairs: Iterable[tuple[str, str]]) -> None:
+        for u, p in pairs:
+            pipe.zrange(self.keys.u(u, p, "seen"), 0, -1)
 
     # -------------------------------------------------------------- recommend
     async def recommend(self, touched: dict[tuple[str, str], Touched]) -> list[RecsOut]:

@@ -281,3 +281,36 @@ def test_a_commit_waits_for_the_background_cache_writes(stack, ns):
 
     assert asyncio.run(go()) is True
     assert seen_at_commit == [True]
+
+
+def test_a_failed_background_cache_write_stops_the_commits(stack, ns):
+    """A background cache write that failed (not an outage: those are retried) is treated
+    as a failed delivery: nothing is committed and the worker crashes, so the batches are
+    read again and cached then."""
+    s = make_settings(stack, ns)
+    app = create_app(s, agents="recommend")
+    app.finalize()
+    ctx = app.xrec_guard_commits.__self__
+    committed: list[object] = []
+    crashed: list[BaseException] = []
+
+    async def commit(offsets):
+        committed.append(offsets)
+        return True
+
+    async def crash(exc):
+        crashed.append(exc)
+
+    async def broken(recs):
+        raise ValueError("script refused")
+
+    async def go():
+        consumer = type("C", (), {"_commit": staticmethod(commit)})()
+        ctx.guard_commits(consumer)
+        ctx.app.crash = crash
+        ctx.state.cache = broken
+        ctx.state.cache_later([("rec", "{}")])
+        return await consumer._commit({"tp": 1})
+
+    assert asyncio.run(go()) is False
+    assert committed == [] and [type(e) for e in crashed] == [ValueError]

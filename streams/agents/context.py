@@ -36,8 +36,8 @@ __all__ = ["Context", "WorkerMetrics", "STAGE_BUCKETS", "RECOMMEND_STAGES"]
 STAGE_BUCKETS = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000)
 #: records of one partition that :meth:`Context.publish_many` hands over as one batch
 PUBLISH_BATCH_MIN = 32
-#: the recommend agent's stages, in the order a micro-batch runs them
-#: in the order a batch runs them (the recommendations are published before the last three)
+#: the recommend agent's stages, in the order a micro-batch runs them (the recommendations
+#: are published before the last three)
 RECOMMEND_STAGES = ("decode", "apply", "tower", "evaluate", "rank", "publish", "drift",
                     "examples", "cache")
 
@@ -185,7 +185,8 @@ class Context:
         flushes the producer before committing (at-least-once), but a flush completes
         failed deliveries too: without this a record that failed would be committed past
         and lost. After a failure the worker crashes (its supervisor restarts it) and
-        its input is read again from the last good commit."""
+        its input is read again from the last good commit. The same when a background
+        write of the read API's cache failed (its retries cover Redis outages)."""
         if getattr(consumer, "_xrec_commit", None) is not None:
             return
         original = consumer._xrec_commit = consumer._commit
@@ -193,7 +194,13 @@ class Context:
         async def commit(offsets: Any) -> bool:
             state = getattr(self, "state", None)
             if state is not None:  # what the committed batches cached (RedisState.cache_later)
-                await state.cache_flush()
+                try:
+                    await state.cache_flush()
+                except Exception as exc:  # noqa: BLE001 - as a failed delivery: no commit
+                    log.error("not committing %d offset(s): a background cache write failed "
+                              "(%s: %s)", len(offsets), type(exc).__name__, exc)
+                    await self.app.crash(exc)
+                    return False
             await asyncio.sleep(0)  # let the flushed deliveries' callbacks run
             if self.delivery_failures:
                 log.error("not committing %d offset(s): %d record(s) were not delivered",
