@@ -478,10 +478,8 @@ class ModelServer:
                         if stage != "evaluate":
                             cols = self._tops(s[ne:] if ne else s, min(k, n_items),
                                               t.rows(p), recs, out)
-                            if parts is not None and ne:
-                                parts = {"model": parts["model"][ne:],
-                                         "popco": parts["popco"][ne:],
-                                         "co": parts["co"][ne:], "pv": parts["pv"][ne:]}
+                            if parts is not None and ne:  # every part is per row
+                                parts = {key: v[ne:] for key, v in parts.items()}
                 if why:
                     assert att_all is not None
                     sel_r = sel[ne:] if ne else sel
